@@ -1,0 +1,1 @@
+"""Data preparation: conversations (JSONL manifests, Hugging Face datasets) -> model-ready token layouts."""

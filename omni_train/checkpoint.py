@@ -1,0 +1,100 @@
+"""Checkpoints: DeepSpeed's sharded state plus our run state, complete-or-absent, and `resume=auto`.
+
+Owns the layout `RUN_DIR/checkpoints/step_00000010/`: DeepSpeed's per-rank model and optimizer shards, one
+`run_state_rank{R}.json` per rank (step, loader position, torch RNG; JSON, never pickle), and a `COMPLETE` marker
+that rank 0 writes after every rank has finished writing. Only checkpoints with the marker count: a crash while
+saving leaves a directory without it, which resume ignores and the next save removes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from omni_train.config import ConfigError
+
+MARKER = "COMPLETE"
+
+
+def _dir(run_dir: str) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(run_dir: str) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = _dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / MARKER).is_file())
+
+
+def latest(run_dir: str) -> Path | None:
+    done = complete_checkpoints(run_dir)
+    return done[-1] if done else None
+
+
+def remove_incomplete(run_dir: str) -> None:
+    """Delete checkpoint directories a crash left without their marker (rank 0 only, before training)."""
+    root = _dir(run_dir)
+    if root.is_dir():
+        for p in root.glob("step_*"):
+            if not (p / MARKER).is_file():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def save(engine, run_dir: str, step: int, loader_state: dict, keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory."""
+    rank = torch.distributed.get_rank()
+    ckpt = _dir(run_dir) / tag(step)
+    engine.save_checkpoint(str(_dir(run_dir)), tag=tag(step), save_latest=False)
+    _write_json(
+        ckpt / f"run_state_rank{rank}.json",
+        {
+            "step": step,
+            "world_size": torch.distributed.get_world_size(),
+            "loader": loader_state,
+            "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        },
+    )
+    torch.distributed.barrier()
+    if rank == 0:
+        _write_json(ckpt / MARKER, {"step": step})
+        for old in complete_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    torch.distributed.barrier()
+    return ckpt
+
+
+def load(engine, ckpt: Path) -> dict:
+    """Restore the engine (weights, optimizer, LR schedule) and this rank's RNG; return its run state."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    state_file = ckpt / f"run_state_rank{rank}.json"
+    if not state_file.is_file():
+        raise ConfigError(f"{ckpt} has no run state for rank {rank}: it was written by fewer ranks than {world}")
+    state = json.loads(state_file.read_text())
+    if state["world_size"] != world:
+        raise ConfigError(
+            f"{ckpt} was written by {state['world_size']} ranks, this run has {world}: resume with the same world "
+            "size, or start a new run from its export with model.path=..."
+        )
+    load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=True)
+    if load_path is None:
+        raise ConfigError(f"DeepSpeed could not load {ckpt}: its shards are missing or unreadable")
+    rng = torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8)
+    torch.set_rng_state(rng)
+    return state

@@ -1,0 +1,178 @@
+"""Structured configuration: the schema behind every Hydra config group, and its validation.
+
+Owns: one dataclass per config group (`model/`, `deepspeed/`, `trainer`, `data/`, `stage/`, `logging`), registered
+with Hydra's ConfigStore so that an unknown key or a wrongly typed value fails at composition, and `validate`,
+which checks what types cannot (ranges, paths, divisibility) and raises `ConfigError` with one clear line before
+any process group starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A problem with the user's configuration, input data or environment: reported as one line, no trace."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = MISSING
+    # A local Hugging Face checkpoint directory; None initialises the preset randomly.
+    path: Optional[str] = None
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    # Keyword arguments of transformers' Qwen2_5OmniConfig (thinker_config, talker_config, token2wav_config).
+    hf_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DeepSpeedConfig:
+    name: str = MISSING
+    zero_stage: int = 3
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
+    overlap_comm: bool = False
+    reduce_bucket_size: int = 50_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    # Merged verbatim into the generated DeepSpeed JSON, for settings this schema does not name.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 30
+    micro_batch_size: int = 2
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 1234
+    save_every: int = 10
+    keep_last: int = 2
+    export: bool = True
+    # Minutes a collective may wait for a peer before the job stops (torch's default is 30).
+    dist_timeout_min: float = 10.0
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    # JSONL conversations (Qwen2.5-Omni message format), paths relative to the file.
+    train: str = MISSING
+    max_len: int = 512
+    # Sequences are padded to a multiple of this (attention kernels want multiples of 8 or 64).
+    pad_to_multiple_of: int = 8
+    shuffle: bool = True
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+    # Glob-style patterns of parameter names that train; everything else is frozen. ["*"] trains all.
+    trainable: list[str] = field(default_factory=lambda: ["*"])
+
+
+@dataclass
+class LoggingConfig:
+    # wandb: offline unless the user opts in; the API key comes from the environment, never from config.
+    wandb_mode: str = "offline"
+    wandb_project: str = "omni-train"
+    progress_bar: bool = True
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "none"
+    # Processes per machine (GPUs per node on a cluster); `omni-launch` starts them, `omni-train` is one of them.
+    nproc_per_node: int = 1
+    nnodes: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    deepspeed: DeepSpeedConfig = MISSING
+    data: DataConfig = MISSING
+    stage: StageConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    run_dir: str = "outputs/${stage.name}"
+    # none: start fresh (refused if run_dir has checkpoints); auto: newest complete checkpoint in run_dir.
+    resume: str = "none"
+
+
+def register() -> None:
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
+    store.store(group="model", name="schema", node=ModelConfig)
+    store.store(group="deepspeed", name="schema", node=DeepSpeedConfig)
+    store.store(group="data", name="schema", node=DataConfig)
+    store.store(group="stage", name="schema", node=StageConfig)
+    store.store(group="launcher", name="schema", node=LauncherConfig)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Semantic checks that types cannot express. Raises ConfigError naming the key and the fix."""
+    from omni_train.model import DTYPES
+
+    t, m, d, ds = cfg.trainer, cfg.model, cfg.data, cfg.deepspeed
+    for key in ("max_steps", "micro_batch_size", "grad_accum", "save_every", "keep_last"):
+        _check(getattr(t, key) > 0, f"trainer.{key}={getattr(t, key)} must be a positive integer")
+    _check(t.lr > 0, f"trainer.lr={t.lr} must be positive")
+    _check(0 <= t.min_lr_ratio <= 1, f"trainer.min_lr_ratio={t.min_lr_ratio} must lie in [0, 1]")
+    _check(0 <= t.warmup_steps < t.max_steps, f"trainer.warmup_steps={t.warmup_steps} must lie in [0, max_steps)")
+    _check(t.grad_clip >= 0, f"trainer.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    _check(t.dist_timeout_min > 0, f"trainer.dist_timeout_min={t.dist_timeout_min} must be positive")
+    _check(m.dtype in DTYPES, f"model.dtype={m.dtype} is not one of {sorted(DTYPES)}")
+    _check(
+        m.attn_implementation in ("sdpa", "flash_attention_2", "eager"),
+        f"model.attn_implementation={m.attn_implementation} is not one of sdpa, flash_attention_2, eager",
+    )
+    if m.path is not None:
+        _check(os.path.isdir(m.path), f"model.path={m.path} is not a directory: give a local checkpoint directory")
+        _check(
+            os.path.isfile(os.path.join(m.path, "config.json")),
+            f"model.path={m.path} has no config.json: give a Hugging Face checkpoint directory",
+        )
+    _check(d.pad_to_multiple_of > 0, f"data.pad_to_multiple_of={d.pad_to_multiple_of} must be positive")
+    _check(
+        d.max_len > 0 and d.max_len % d.pad_to_multiple_of == 0,
+        f"data.max_len={d.max_len} must be a positive multiple of data.pad_to_multiple_of={d.pad_to_multiple_of}",
+    )
+    _check(os.path.exists(d.train), f"data.train={d.train} does not exist: build the data first or fix the path")
+    _check(ds.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={ds.zero_stage} must be 0, 1, 2 or 3")
+    for key in ("offload_optimizer", "offload_param"):
+        _check(getattr(ds, key) in ("none", "cpu"), f"deepspeed.{key}={getattr(ds, key)} must be none or cpu")
+    _check(
+        ds.offload_param == "none" or ds.zero_stage == 3, "deepspeed.offload_param needs deepspeed.zero_stage=3"
+    )
+    _check(
+        cfg.logging.wandb_mode in ("offline", "online", "disabled"),
+        f"logging.wandb_mode={cfg.logging.wandb_mode} must be offline, online or disabled",
+    )
+    _check(
+        cfg.resume in ("none", "auto") or os.path.isdir(cfg.resume),
+        f"resume={cfg.resume} must be none, auto, or an existing checkpoint directory",
+    )
+    _check(cfg.launcher.nproc_per_node > 0, f"launcher.nproc_per_node={cfg.launcher.nproc_per_node} must be positive")
+    _check(cfg.launcher.nnodes > 0, f"launcher.nnodes={cfg.launcher.nnodes} must be positive")
+    _check(len(cfg.stage.trainable) > 0, "stage.trainable is empty: list the parameter patterns that train")

@@ -1,0 +1,132 @@
+"""The distributed engine: process group, DeepSpeed config, optimizer, schedule, `deepspeed.initialize`.
+
+Owns: starting the process group (gloo on CPU, NCCL on GPU, with a bounded collective timeout), composing the
+DeepSpeed JSON from the Hydra `deepspeed/` and `trainer` groups (no hand-kept JSON), freezing by name pattern,
+AdamW over the trainable parameters only (frozen ones get no optimizer state), linear warmup + cosine decay, and
+wrapping the train module in a DeepSpeed engine.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+from datetime import timedelta
+
+import torch
+from torch import nn
+
+from omni_train.config import Config, ConfigError
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def init_distributed(timeout_min: float) -> tuple[int, int]:
+    """Join the process group described by torchrun-style environment variables (a lone process forms a group of
+    one). Returns (rank, world_size)."""
+    import deepspeed
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if on_gpu():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend="nccl" if on_gpu() else "gloo",
+            timeout=timedelta(minutes=timeout_min),
+            verbose=False,
+        )
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON for this run, from the `deepspeed` and `trainer` groups."""
+    ds, t = cfg.deepspeed, cfg.trainer
+    zero: dict = {"stage": ds.zero_stage, "overlap_comm": ds.overlap_comm, "contiguous_gradients": True,
+                  "reduce_bucket_size": ds.reduce_bucket_size}
+    if ds.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
+            stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
+            # Exports gather parameters themselves, module by module; no 16-bit copy at save time.
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": on_gpu()}
+    if ds.offload_param != "none":
+        zero["offload_param"] = {"device": ds.offload_param, "pin_memory": on_gpu()}
+    config = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "fp16": {"enabled": cfg.model.dtype == "float16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        # DeepSpeed's own optimizer ops need compiled kernels; ours is torch's AdamW (ZeRO wraps it).
+        "zero_allow_untested_optimizer": True,
+    }
+    _deep_merge(config, dict(ds.extra))
+    return config
+
+
+def _deep_merge(into: dict, extra: dict) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _deep_merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def freeze(model: nn.Module, trainable: list[str]) -> None:
+    """Train exactly the parameters whose names match one of the glob patterns; a pattern that matches nothing
+    is a configuration error (a typo would otherwise silently freeze or train the wrong thing)."""
+    names = [n for n, _ in model.named_parameters()]
+    unmatched = [p for p in trainable if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise ConfigError(f"stage.trainable patterns match no parameter: {unmatched} (names look like {names[0]!r})")
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in trainable))
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            # Norm gains and biases are not decayed: shrinking them changes scale, not capacity.
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def initialize(cfg: Config, module: nn.Module, ds_config: dict):
+    """Wrap `module` in a DeepSpeed engine with AdamW over its trainable parameters and the LR schedule."""
+    import deepspeed
+
+    t = cfg.trainer
+    groups = _param_groups(module, t.weight_decay)
+    if not groups:
+        raise ConfigError("no parameter trains: check stage.trainable")
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+    )
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, optimizer, scheduler

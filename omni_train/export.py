@@ -1,0 +1,89 @@
+"""Export: ZeRO-3 shards -> a Hugging Face checkpoint directory that `from_pretrained` loads.
+
+Owns: gathering the partitioned parameters one module at a time (never the whole model on one rank at once
+beyond what rank 0 writes out), writing safetensors shards of bounded size with an index, the model config and
+the tokenizer, into a temporary directory that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def _state_dict_stream(model: nn.Module):
+    """Yield (name, full CPU tensor) for every parameter and persistent buffer; collective under ZeRO-3."""
+    import deepspeed
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    for module_name, module in model.named_modules():
+        scope = f"{module_name}." if module_name else ""
+        params = list(module.named_parameters(recurse=False))
+        if params:
+            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+                if rank == 0:
+                    for name, p in params:
+                        yield scope + name, p.detach().to("cpu", copy=True)
+        skip = getattr(module, "_non_persistent_buffers_set", set())
+        for name, b in module.named_buffers(recurse=False):
+            if name not in skip and rank == 0:
+                yield scope + name, b.detach().to("cpu", copy=True)
+
+
+def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path | None:
+    """Write `model` (a transformers PreTrainedModel, possibly ZeRO-3 partitioned) to `out_dir`.
+
+    Collective: every rank must call it. Returns the directory on rank 0, None elsewhere.
+    """
+    from safetensors.torch import save_file
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in _state_dict_stream(model):
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
+            save_file(shards[-1], tmp / f"part-{len(shards):05d}.safetensors", metadata={"format": "pt"})
+            shards[-1] = dict.fromkeys(shards[-1])  # keep names for the index, free the tensors
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += nbytes
+
+    if rank == 0:
+        n = len(shards)
+        save_file(shards[-1], tmp / f"part-{n:05d}.safetensors", metadata={"format": "pt"})
+        if n == 1:
+            (tmp / "part-00001.safetensors").rename(tmp / "model.safetensors")
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                final = f"model-{i:05d}-of-{n:05d}.safetensors"
+                (tmp / f"part-{i:05d}.safetensors").rename(tmp / final)
+                weight_map.update(dict.fromkeys(shard, final))
+            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return out if rank == 0 else None

