@@ -173,6 +173,12 @@ def validate(cfg: Config) -> None:
         cfg.resume in ("none", "auto") or os.path.isdir(cfg.resume),
         f"resume={cfg.resume} must be none, auto, or an existing checkpoint directory",
     )
+    from omni_train.checkpoint import complete_checkpoints
+
+    _check(
+        cfg.resume != "none" or not complete_checkpoints(cfg.run_dir),
+        f"run_dir={cfg.run_dir} already holds checkpoints: pass resume=auto to continue it, or choose another run_dir",
+    )
     _check(cfg.launcher.nproc_per_node > 0, f"launcher.nproc_per_node={cfg.launcher.nproc_per_node} must be positive")
     _check(cfg.launcher.nnodes > 0, f"launcher.nnodes={cfg.launcher.nnodes} must be positive")
     _check(len(cfg.stage.trainable) > 0, "stage.trainable is empty: list the parameter patterns that train")

@@ -85,13 +85,16 @@ def _deep_merge(into: dict, extra: dict) -> None:
             into[k] = v
 
 
-def freeze(model: nn.Module, trainable: list[str]) -> None:
-    """Train exactly the parameters whose names match one of the glob patterns; a pattern that matches nothing
-    is a configuration error (a typo would otherwise silently freeze or train the wrong thing)."""
-    names = [n for n, _ in model.named_parameters()]
+def check_patterns(names: list[str], trainable: list[str]) -> None:
+    """A pattern that matches nothing is a configuration error: a typo would silently freeze the wrong thing."""
     unmatched = [p for p in trainable if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unmatched:
         raise ConfigError(f"stage.trainable patterns match no parameter: {unmatched} (names look like {names[0]!r})")
+
+
+def freeze(model: nn.Module, trainable: list[str]) -> None:
+    """Train exactly the parameters whose names match one of the glob patterns."""
+    check_patterns([n for n, _ in model.named_parameters()], trainable)
     for name, p in model.named_parameters():
         p.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in trainable))
 

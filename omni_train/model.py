@@ -65,6 +65,16 @@ def _plain(node: Any) -> Any:
     return node
 
 
+def thinker_parameter_names(cfg: ModelConfig) -> list[str]:
+    """Parameter names of the Thinker as the train module sees them (`thinker.` prefix), without weights:
+    the model is built on the meta device, so this is cheap even for the 7B."""
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen2_5OmniThinkerForConditionalGeneration(omni_config(cfg).thinker_config)
+    return [f"thinker.{n}" for n, _ in model.named_parameters()]
+
+
 def thinker_prefix(path: str | None) -> str:
     """Key prefix of the Thinker's weights inside the checkpoint at `path`."""
     if path is None:

@@ -40,10 +40,6 @@ def _resume_point(cfg: Config) -> Path | None:
         if not (path / checkpoint.MARKER).is_file():
             raise ConfigError(f"resume={path} is not a complete checkpoint (no {checkpoint.MARKER} marker)")
         return path
-    if checkpoint.complete_checkpoints(cfg.run_dir):
-        raise ConfigError(
-            f"{cfg.run_dir} already holds checkpoints: pass resume=auto to continue it, or choose another run_dir"
-        )
     return None
 
 

@@ -1,0 +1,29 @@
+"""Shared fixtures: the sample corpus and a helper that runs `omni-launch` as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> Path:
+    from data_prep.sample import write_text_corpus
+
+    return write_text_corpus(tmp_path_factory.mktemp("sample"))
+
+
+def launch_cmd(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "launch.cli", "logging.wandb_mode=disabled", "logging.progress_bar=false",
+            *overrides]
+
+
+def run_launch(*overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(launch_cmd(*overrides), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

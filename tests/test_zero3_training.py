@@ -1,0 +1,109 @@
+"""The spine end to end: 2 processes on gloo under the real DeepSpeed ZeRO-3 engine, the real tiny Qwen2.5-Omni
+Thinker and the real tokenizer; training, sharding, kill + resume, and export to a transformers checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, launch_cmd, run_launch
+
+STEPS = 30
+
+
+def _args(run_dir: Path, corpus: Path, *extra: str) -> list[str]:
+    return [f"run_dir={run_dir}", f"data.train={corpus}", f"trainer.max_steps={STEPS}", "trainer.save_every=10",
+            "trainer.keep_last=3", "trainer.lr=3e-3", *extra]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"a step is logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in records}
+
+
+@pytest.fixture(scope="module")
+def reference(text_corpus, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = run_launch(*_args(run_dir, text_corpus))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir
+
+
+def test_loss_falls_over_30_steps(reference):
+    losses = _losses(reference)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(STEPS - 4, STEPS + 1)) / 5
+    assert last < first - 1.0, (first, last)
+
+
+def test_each_rank_holds_half_of_the_parameters(reference):
+    summary = json.loads((reference / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    total = summary["total_params"]
+    for local in summary["local_params_per_rank"]:
+        assert abs(local - total / 2) < 0.01 * total, (local, total)
+
+
+def test_export_loads_with_from_pretrained_and_equals_the_trained_weights(reference):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from omni_train.tokenizer import load_tokenizer
+
+    exported = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(reference / "export").eval()
+    # The trained weights, consolidated by DeepSpeed's own tool from the final ZeRO-3 checkpoint.
+    trained_sd = get_fp32_state_dict_from_zero_checkpoint(str(reference / "checkpoints"), tag=f"step_{STEPS:08d}")
+    trained = Qwen2_5OmniThinkerForConditionalGeneration(exported.config).eval()
+    missing, unexpected = trained.load_state_dict(
+        {k.removeprefix("thinker."): v for k, v in trained_sd.items()}, strict=True
+    )
+    assert not missing and not unexpected
+
+    tokenizer = load_tokenizer(str(reference / "export"))
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 3 plus 4?"}], tokenize=True,
+                                        add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, b = exported(input_ids=ids).logits, trained(input_ids=ids).logits
+    assert torch.equal(a, b)
+    generated = exported.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, ids.shape[1] + 4)
+
+
+def test_killed_run_resumes_with_the_same_losses(reference, text_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(launch_cmd(*_args(run_dir, text_corpus)), cwd=REPO, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marker = run_dir / "checkpoints" / "step_00000020" / "COMPLETE"
+    deadline = time.time() + 400
+    while not marker.exists():
+        assert proc.poll() is None, f"run ended before its step-20 checkpoint: {proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "no step-20 checkpoint in time"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "checkpoints" / f"step_{STEPS:08d}").exists(), "the run finished before it was killed"
+
+    result = run_launch(*_args(run_dir, text_corpus, "resume=auto"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 20
+    resumed, uninterrupted = _losses(run_dir), _losses(reference)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-6), step
+
+
+def test_fresh_start_in_a_run_dir_with_checkpoints_is_refused(reference, text_corpus):
+    result = run_launch(*_args(reference, text_corpus), timeout=120)
+    assert result.returncode == 2
+    assert "already holds checkpoints: pass resume=auto" in result.stderr
