@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for omni-train: a virtual environment in .venv with the package and its test tools.
+# Idempotent: a second run only checks. On a CPU-only machine torch is pinned to the 2.13.0 CPU build (a bare
+# `torch` would pull a multi-GB CUDA build); on a GPU machine the CUDA build of the same release is taken.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test]"
+echo "omni-train: environment ready in .venv"
