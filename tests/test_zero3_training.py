@@ -107,3 +107,24 @@ def test_fresh_start_in_a_run_dir_with_checkpoints_is_refused(reference, text_co
     result = run_launch(*_args(reference, text_corpus), timeout=120)
     assert result.returncode == 2
     assert "already holds checkpoints: pass resume=auto" in result.stderr
+
+
+def test_zero3_loads_an_export_exactly_and_frozen_weights_stay_bit_identical(reference, text_corpus, tmp_path):
+    """Stage handoff under ZeRO-3: start from the reference export, train only lm_head; every other weight of the
+    new export equals the source export bit for bit, lm_head has moved."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "handoff"
+    result = run_launch(f"run_dir={run_dir}", f"data.train={text_corpus}", f"model.path={reference / 'export'}",
+                        "trainer.max_steps=3", "trainer.warmup_steps=0", "stage.trainable=[thinker.lm_head.*]")
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    before = load_file(reference / "export" / "model.safetensors")
+    after = load_file(run_dir / "export" / "model.safetensors")
+    assert summary["trainable_params"] == before["lm_head.weight"].numel()
+    assert before.keys() == after.keys()
+    for name in before:
+        if name == "lm_head.weight":
+            assert not torch.equal(before[name], after[name])
+        else:
+            assert torch.equal(before[name], after[name]), name
