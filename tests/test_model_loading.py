@@ -52,3 +52,21 @@ def test_parameter_names_come_from_a_meta_model_without_weights():
     assert "thinker.lm_head.weight" in names
     assert any(n.startswith("thinker.model.audio_tower.") for n in names)
     assert any(n.startswith("thinker.model.visual.merger.") for n in names)
+
+
+def test_7b_preset_has_the_released_component_sizes():
+    """Built on the meta device: LLM 7.6B (Qwen2.5-7B), vision ~675M (Qwen2.5-VL ViT), audio ~640M (Whisper-large-v3
+    encoder + projection)."""
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    preset = OmegaConf.load(REPO / "conf" / "model" / "qwen2_5_omni_7b.yaml")
+    config = omni_config(ModelConfig(preset="qwen2_5_omni_7b", hf_config=OmegaConf.to_container(preset.hf_config)))
+    with torch.device("meta"):
+        thinker = Qwen2_5OmniThinkerForConditionalGeneration(config.thinker_config)
+
+    def billions(module):
+        return sum(p.numel() for p in module.parameters()) / 1e9
+
+    assert billions(thinker.model.language_model) + billions(thinker.lm_head) == pytest.approx(7.62, abs=0.01)
+    assert billions(thinker.model.visual) == pytest.approx(0.675, abs=0.01)
+    assert billions(thinker.model.audio_tower) == pytest.approx(0.64, abs=0.01)
