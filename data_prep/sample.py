@@ -12,6 +12,8 @@ import os
 import random
 from pathlib import Path
 
+from omni_train.files import write_text_atomic
+
 WORDS = (
     "apple river stone cloud music garden silver window yellow forest candle market "
     "bridge planet winter summer orange ticket rocket pencil"
@@ -48,9 +50,5 @@ def write_text_corpus(out_dir: str | os.PathLike, n: int = 256, seed: int = 0) -
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     path = out / "text.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    with tmp.open("w") as f:
-        for i in range(n):
-            f.write(json.dumps({"id": f"text-{i:05d}", **_conversation(rng)}) + "\n")
-    tmp.replace(path)
-    return path
+    lines = (json.dumps({"id": f"text-{i:05d}", **_conversation(rng)}) + "\n" for i in range(n))
+    return write_text_atomic(path, "".join(lines))

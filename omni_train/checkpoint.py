@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from omni_train.config import ConfigError
+from omni_train.files import write_json_atomic
 
 MARKER = "COMPLETE"
 
@@ -51,18 +51,12 @@ def remove_incomplete(run_dir: str) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
 def save(engine, run_dir: str, step: int, loader_state: dict, keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory."""
     rank = torch.distributed.get_rank()
     ckpt = _dir(run_dir) / tag(step)
     engine.save_checkpoint(str(_dir(run_dir)), tag=tag(step), save_latest=False)
-    _write_json(
+    write_json_atomic(
         ckpt / f"run_state_rank{rank}.json",
         {
             "step": step,
@@ -73,7 +67,7 @@ def save(engine, run_dir: str, step: int, loader_state: dict, keep_last: int) ->
     )
     torch.distributed.barrier()
     if rank == 0:
-        _write_json(ckpt / MARKER, {"step": step})
+        write_json_atomic(ckpt / MARKER, {"step": step})
         for old in complete_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     torch.distributed.barrier()

@@ -8,12 +8,12 @@ command line cannot do. Today: sample corpus -> Thinker SFT under ZeRO-3 -> expo
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
 from launch.cli import launch
+from omni_train.files import write_json_atomic
 
 STAGES = [
     # (stage preset, overrides of its own)
@@ -36,9 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         if code != 0:
             sys.exit(f"omni-demo: stage {stage} failed with exit code {code}; its logs are in {run_dir}")
         summary["stages"][stage] = json.loads((run_dir / "summary.json").read_text())
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "summary.json")
+    write_json_atomic(out / "summary.json", summary)
     print(json.dumps(summary, indent=2))
     print(f"omni-demo: done; summary in {out / 'summary.json'}")
 

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from omni_train.config import LoggingConfig
+from omni_train.files import write_text_atomic
 
 SECRET_KEY = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
 
@@ -51,9 +52,7 @@ class Metrics:
         if not self.path.is_file():
             return
         kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
         if not self.active:

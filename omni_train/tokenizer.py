@@ -68,9 +68,8 @@ def _cache_root() -> Path:
 
 
 def _build(ranks: Path) -> PreTrainedTokenizerFast:
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
     from tokenizers import AddedToken
+    from transformers.convert_slow_tokenizer import TikTokenConverter
 
     backend = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN2_PATTERN).converted()
     backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS])

@@ -9,7 +9,6 @@ train, which data, which objective), never in a copy of this loop.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from omni_train import checkpoint
 from omni_train.config import Config, ConfigError, register, validate
+from omni_train.files import write_json_atomic, write_text_atomic
 
 
 def _save_config(cfg: Config, run_dir: Path) -> dict:
@@ -26,9 +26,7 @@ def _save_config(cfg: Config, run_dir: Path) -> dict:
     from omni_train.metrics import redact
 
     plain = redact(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(plain)))
-    os.replace(tmp, run_dir / "config.yaml")
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(plain)))
     return plain
 
 
@@ -157,9 +155,7 @@ def run(cfg: Config) -> dict:
         "export": str(run_dir / "export") if t.export else None,
     }
     if rank == 0:
-        tmp = run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, run_dir / "summary.json")
+        write_json_atomic(run_dir / "summary.json", summary)
     torch.distributed.barrier()
     return summary
 

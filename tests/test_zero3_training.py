@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -89,7 +90,11 @@ def test_killed_run_resumes_with_the_same_losses(reference, text_corpus, tmp_pat
         assert proc.poll() is None, f"run ended before its step-20 checkpoint: {proc.stderr.read()[-3000:]}"
         assert time.time() < deadline, "no step-20 checkpoint in time"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # The whole job dies at once, as when a node is lost: the launcher, torchrun and every worker.
+    job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in job:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(job, timeout=30)
     proc.wait()
     assert not (run_dir / "checkpoints" / f"step_{STEPS:08d}").exists(), "the run finished before it was killed"
 

@@ -1,0 +1,23 @@
+"""Crash-safe file writes: a file is either absent, the old version, or the complete new one.
+
+Base layer: imported by data_prep and omni_train alike; imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to a temporary sibling, then rename it over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = 2) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=indent))
