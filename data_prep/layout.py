@@ -87,11 +87,14 @@ class _Builder:
     def __init__(self):
         self.ids: list[np.ndarray] = []
         self.positions: list[np.ndarray] = []
+        self.sources: list[np.ndarray] = []
+        self.source = 0  # index of the input token being expanded
         self.next_id = 0
 
     def place(self, token_ids: np.ndarray, positions: np.ndarray) -> None:
         self.ids.append(np.asarray(token_ids, dtype=np.int64))
         self.positions.append(positions)
+        self.sources.append(np.full(len(self.ids[-1]), self.source, dtype=np.int64))
         if positions.size:
             self.next_id = int(positions.max()) + 1
 
@@ -125,12 +128,14 @@ def expand(ids: np.ndarray, media: list[Media], use_audio_in_video: bool) -> tup
 
     `ids` is the tokenized ChatML text where each media item appears as `<|audio_bos|><|AUDIO|><|audio_eos|>`,
     `<|vision_bos|><|IMAGE|><|vision_eos|>` or `<|vision_bos|><|VIDEO|><|vision_eos|>` (under use_audio_in_video a
-    video stands for itself and its audio track). Returns (input_ids, position_ids 3 x L, is_media mask).
+    video stands for itself and its audio track). Returns (input_ids, position_ids 3 x L, source), where
+    source[i] is the index in `ids` of the token that output token i came from (to carry labels over).
     """
     expected = {AUDIO: "audio", IMAGE: "image", VIDEO: "video"}
     out = _Builder()
     queue = iter(media)
-    for token in ids.tolist():
+    for index, token in enumerate(ids.tolist()):
+        out.source = index
         if token not in expected:
             out.running([token])
             continue
@@ -148,4 +153,4 @@ def expand(ids: np.ndarray, media: list[Media], use_audio_in_video: bool) -> tup
         raise ValueError("more media items than placeholders in the text")
     input_ids = np.concatenate(out.ids)
     positions = np.concatenate(out.positions, axis=1).astype(np.int64)
-    return input_ids, positions, np.isin(input_ids, tuple(expected))
+    return input_ids, positions, np.concatenate(out.sources)

@@ -1,8 +1,15 @@
-"""The sample corpus: small, deterministic, built on the spot for the demo and the tests.
+"""The sample corpus: small, realistic, deterministic, built on the spot for the demo and the tests.
 
-Owns: writing `text.jsonl` (single- and multi-turn ChatML chat in Qwen2.5-Omni's message format) under an output
-directory. The tasks are learnable by a tiny model (arithmetic, word reversal, counting), so a falling loss means
-the pipeline trains.
+Owns: `text.jsonl` (single- and multi-turn chat) and `manifest.jsonl` (everything, in Qwen2.5-Omni's message
+format, media paths relative to it) with the media under `media/`:
+- speech: real speech from espeak-ng where it is installed (`apt-get install espeak-ng`), otherwise a synthetic
+  voiced signal (harmonics under a syllable envelope); ASR items and spoken questions;
+- images: coloured shapes, with questions about shape and colour;
+- videos: real MP4 files (H.264 + AAC, written with PyAV) where a shape appears at a known time together with a
+  tone, so that answering "when" needs the audio and the frames aligned in time; asked with and without
+  `use_audio_in_video`;
+- mixtures: an image and a spoken question in one turn, and a spoken turn followed by a text turn.
+The tasks are learnable by a tiny model, so a falling loss means the pipeline trains.
 """
 
 from __future__ import annotations
@@ -10,7 +17,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+import subprocess
+from fractions import Fraction
 from pathlib import Path
+
+import numpy as np
 
 from omni_train.files import write_text_atomic
 
@@ -52,3 +64,151 @@ def write_text_corpus(out_dir: str | os.PathLike, n: int = 256, seed: int = 0) -
     path = out / "text.jsonl"
     lines = (json.dumps({"id": f"text-{i:05d}", **_conversation(rng)}) + "\n" for i in range(n))
     return write_text_atomic(path, "".join(lines))
+
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+TONES = {"red": 330.0, "green": 440.0, "blue": 550.0, "yellow": 660.0}
+
+
+def _draw(shape: str, color: str, size: tuple[int, int], center: tuple[int, int], radius: int):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, (235, 235, 235))
+    draw = ImageDraw.Draw(image)
+    x, y = center
+    box = (x - radius, y - radius, x + radius, y + radius)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLORS[color])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLORS[color])
+    else:
+        draw.polygon([(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=COLORS[color])
+    return image
+
+
+def _speech(text: str, path: Path, rng: random.Random) -> Path:
+    """Speak `text` into a WAV file: espeak-ng when installed, else a synthetic voiced signal."""
+    if shutil.which("espeak-ng"):
+        subprocess.run(["espeak-ng", "-s", str(rng.randrange(150, 190)), "-w", str(path), text], check=True,
+                       capture_output=True)
+        return path
+    import soundfile
+
+    rate, f0 = 16_000, rng.uniform(100, 180)
+    syllables = max(2, len(text) // 4)
+    t = np.arange(int(rate * 0.18 * syllables)) / rate
+    voiced = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 8))
+    envelope = np.abs(np.sin(np.pi * t / 0.18)) ** 0.5
+    soundfile.write(path, (0.3 * voiced * envelope / 2).astype(np.float32), rate)
+    return path
+
+
+def _video(path: Path, shape: str, color: str, appear_s: float, seconds: float = 4.0, fps: int = 8) -> Path:
+    """An MP4 with a grey background; at `appear_s` a shape appears, moves right, and a tone starts with it."""
+    import av
+
+    width, height, rate = 320, 240, 16_000
+    with av.open(str(path), "w") as container:
+        vstream = container.add_stream("libx264", rate=fps)
+        vstream.width, vstream.height, vstream.pix_fmt = width, height, "yuv420p"
+        vstream.options = {"preset": "ultrafast", "crf": "23"}
+        astream = container.add_stream("aac", rate=rate)
+        astream.layout = "mono"
+        for i in range(int(seconds * fps)):
+            t = i / fps
+            if t >= appear_s:
+                cx = int(40 + (width - 80) * (t - appear_s) / max(seconds - appear_s, 1e-6))
+                image = _draw(shape, color, (width, height), (cx, height // 2), 30)
+            else:
+                from PIL import Image
+
+                image = Image.new("RGB", (width, height), (235, 235, 235))
+            frame = av.VideoFrame.from_image(image)
+            frame.pts = i
+            frame.time_base = Fraction(1, fps)
+            container.mux(vstream.encode(frame))
+        container.mux(vstream.encode(None))
+        t = np.arange(int(seconds * rate)) / rate
+        # A faint hum before the shape (so the track is never silent), then the colour's tone.
+        wave = 0.01 * np.sin(2 * np.pi * 120 * t) + 0.3 * np.sin(2 * np.pi * TONES[color] * t) * (t >= appear_s)
+        wave = wave.astype(np.float32)[None, :]
+        samples = astream.codec_context.frame_size or 1024
+        for start in range(0, wave.shape[1], samples):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, start:start + samples]), format="flt",
+                                               layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            frame.time_base = Fraction(1, rate)
+            container.mux(astream.encode(frame))
+        container.mux(astream.encode(None))
+    return path
+
+
+def _user(*parts: dict) -> dict:
+    return {"role": "user", "content": list(parts)}
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def write_sample_corpus(out_dir: str | os.PathLike, seed: int = 0, speech: int = 48, images: int = 40,
+                        videos: int = 16, texts: int = 160) -> Path:
+    """Write media and `manifest.jsonl` (and `text.jsonl`) under `out_dir`; returns the manifest's path."""
+    out = Path(out_dir)
+    media = out / "media"
+    media.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    records: list[dict] = []
+
+    for i in range(speech):
+        a, b = rng.randrange(20), rng.randrange(20)
+        if i % 2 == 0:
+            sentence = f"The {rng.choice(WORDS)} is near the {rng.choice(WORDS)}."
+            wav = _speech(sentence, media / f"speech_{i:03d}.wav", rng)
+            messages = [_user({"type": "audio", "audio": f"media/{wav.name}"},
+                              {"type": "text", "text": "Transcribe the audio."}), _assistant(sentence)]
+        else:
+            wav = _speech(f"What is {a} plus {b}?", media / f"speech_{i:03d}.wav", rng)
+            messages = [_user({"type": "audio", "audio": f"media/{wav.name}"}), _assistant(f"{a} plus {b} is {a + b}.")]
+        records.append({"id": f"speech-{i:03d}", "messages": messages})
+
+    for i in range(images):
+        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+        size = (rng.randrange(120, 400), rng.randrange(120, 400))
+        image = _draw(shape, color, size, (size[0] // 2, size[1] // 2), min(size) // 3)
+        image.save(media / f"image_{i:03d}.png")
+        records.append({"id": f"image-{i:03d}", "messages": [
+            _user({"type": "image", "image": f"media/image_{i:03d}.png"},
+                  {"type": "text", "text": "What shape is shown, and what colour is it?"}),
+            _assistant(f"A {color} {shape}.")]})
+
+    for i in range(videos):
+        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+        appear = rng.choice([0.5, 1.0, 1.5, 2.0, 2.5])
+        path = _video(media / f"video_{i:03d}.mp4", shape, color, appear)
+        with_audio = i % 2 == 0
+        question = "When does the tone start, and what appears then?" if with_audio else "What moves across the screen?"
+        answer = (f"The tone starts at {appear:.1f} seconds, when a {color} {shape} appears." if with_audio
+                  else f"A {color} {shape} moves to the right.")
+        records.append({"id": f"video-{i:03d}", "use_audio_in_video": with_audio, "messages": [
+            _user({"type": "video", "video": f"media/{path.name}"}, {"type": "text", "text": question}),
+            _assistant(answer)]})
+
+    for i in range(4):
+        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+        image = _draw(shape, color, (224, 224), (112, 112), 70)
+        image.save(media / f"mixed_{i:03d}.png")
+        wav = _speech("What colour is the shape?", media / f"mixed_{i:03d}.wav", rng)
+        records.append({"id": f"mixed-{i:03d}", "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            _user({"type": "image", "image": f"media/mixed_{i:03d}.png"},
+                  {"type": "audio", "audio": f"media/{wav.name}"}),
+            _assistant(f"It is {color}."),
+            _user({"type": "text", "text": "And its shape?"}),
+            _assistant(f"It is a {shape}.")]})
+
+    text_path = write_text_corpus(out, n=texts, seed=seed)
+    records.extend(json.loads(line) for line in text_path.read_text().splitlines())
+    manifest = out / "manifest.jsonl"
+    return write_text_atomic(manifest, "".join(json.dumps(r) + "\n" for r in records))

@@ -11,4 +11,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
+# Test oracle only: its frame-sampling and resize rules are read from source (it imports torchvision, which does
+# not import beside the CPU torch), so it is installed without its dependencies.
+.venv/bin/python -m pip install -q --no-deps "qwen-omni-utils==0.0.9"
 echo "omni-train: environment ready in .venv"

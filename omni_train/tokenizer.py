@@ -7,6 +7,7 @@ caching the result on disk, and loading a checkpoint's own tokenizer when `model
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -99,8 +100,10 @@ def tokenizer_hash(tokenizer: PreTrainedTokenizerFast) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=8)
 def load_tokenizer(model_path: str | None = None) -> PreTrainedTokenizerFast:
-    """The checkpoint's own tokenizer when `model_path` has one, else the cached offline Qwen2.5 tokenizer."""
+    """The checkpoint's own tokenizer when `model_path` has one, else the cached offline Qwen2.5 tokenizer.
+    One instance per process and path: callers must not modify it."""
     if model_path is not None and (Path(model_path) / "tokenizer.json").is_file():
         tokenizer = PreTrainedTokenizerFast.from_pretrained(model_path)
         check_special_ids(tokenizer)

@@ -19,6 +19,24 @@ def text_corpus(tmp_path_factory) -> Path:
     return write_text_corpus(tmp_path_factory.mktemp("sample"))
 
 
+@pytest.fixture(scope="session")
+def sample_corpus(tmp_path_factory) -> Path:
+    from data_prep.sample import write_sample_corpus
+
+    return write_sample_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def sample_shards(sample_corpus, tmp_path_factory) -> Path:
+    """The sample corpus prepared into several shards (2 workers, 2 MB bound)."""
+    from data_prep.build import build
+    from data_prep.config import from_overrides
+
+    out = tmp_path_factory.mktemp("shards")
+    build(str(sample_corpus), str(out), from_overrides(["workers=2", "shard_bytes=2000000"]), progress=False)
+    return out
+
+
 def launch_cmd(*overrides: str) -> list[str]:
     return [sys.executable, "-m", "launch.cli", "logging.wandb_mode=disabled", "logging.progress_bar=false",
             *overrides]

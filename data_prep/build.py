@@ -1,0 +1,427 @@
+"""`omni-prep build`: conversations -> webdataset tar shards, once, on CPU workers.
+
+Owns: reading sources (JSONL manifests in Qwen2.5-Omni's message format, paths relative to the manifest; Hugging
+Face `datasets` through a column mapping), turning each conversation into a model-ready sample (decoded and sized
+media, ChatML tokens, labels, TMRoPE positions), setting aside bad samples with their reason, and writing
+size-bounded shards plus `index.json` and `stats.txt`.
+
+Guarantees: the same input and settings give the same bytes (samples are written in input order; tar headers carry
+no time or owner); a crash leaves only complete shards (each is written under a temporary name and renamed); a
+re-run keeps the complete shards and redoes the rest; nothing in a shard is a pickle.
+
+A sample in a shard (key `sNNNNNNNNN`): `json` (id, source, messages, use_audio_in_video, media list, token count),
+`input_ids.npy`, `labels.npy`, `position_ids.npy` (3 x L), int32, and its media at final size: `mI.flac` (16 kHz
+audio, or a video's own track), `mI.jpg` (image), `mI.FFFF.jpg` (video frames).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import sys
+import tarfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.chatml import SampleError, encode, media_parts
+from data_prep.config import PrepConfig
+from data_prep.layout import SAMPLE_RATE, Media, audio_tokens
+from data_prep.media import (
+    MediaError,
+    VisionBudget,
+    encode_flac,
+    encode_jpeg,
+    grid_thw,
+    load_audio,
+    load_image,
+    load_video,
+)
+from omni_train.config import ConfigError
+from omni_train.files import write_json_atomic, write_text_atomic
+from omni_train.tokenizer import load_tokenizer, tokenizer_hash
+
+PROGRESS = "_progress.jsonl"
+MIN_SAMPLES_BEFORE_STOPPING = 20
+
+
+@dataclass
+class Prepared:
+    files: dict[str, bytes]
+    tokens: int
+    media_seconds: dict[str, float]
+    modalities: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+
+
+def iter_records(source: str, cfg: PrepConfig):
+    """Yield (source_id, record or None, base_dir, error) in input order. A line that is not a record yields its
+    parse error instead, so it can be set aside with its reason."""
+    path = Path(source)
+    if path.suffix == ".jsonl":
+        if not path.is_file():
+            raise ConfigError(f"manifest {path} does not exist")
+        with path.open() as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                sid = f"{path.name}:{line_no}"
+                try:
+                    record = json.loads(line)
+                    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+                        raise ValueError("a line must be an object with a 'messages' list")
+                except ValueError as e:
+                    yield sid, None, path.parent, f"bad JSON line: {e}"
+                    continue
+                yield str(record.get("id", sid)), record, path.parent, None
+        return
+    yield from _hf_records(path, cfg)
+
+
+def _hf_records(path: Path, cfg: PrepConfig):
+    import datasets
+
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[cfg.hf.split]
+    elif path.suffix in (".parquet", ".json"):
+        ds = datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), split=cfg.hf.split)
+    else:
+        raise ConfigError(f"source {path}: expected a .jsonl manifest, a datasets directory, .parquet or .json")
+    m = cfg.hf
+    # Media stay undecoded (bytes or path): decoding is ours, with the same code as for manifests.
+    for col, feature in ((m.audio, datasets.Audio(decode=False)), (m.image, datasets.Image(decode=False))):
+        if col is not None:
+            if col not in ds.column_names:
+                raise ConfigError(f"hf.{'audio' if col == m.audio else 'image'}={col} is not a column of {path}")
+            ds = ds.cast_column(col, feature)
+    for i, row in enumerate(ds):
+        sid = str(row[m.id]) if m.id else f"{path.name}:{i}"
+        try:
+            yield sid, _row_to_record(row, m), path.parent, None
+        except (KeyError, TypeError) as e:
+            yield sid, None, path.parent, f"row does not fit the hf column mapping: {e!r}"
+
+
+def _row_to_record(row: dict, m) -> dict:
+    if m.messages:
+        return {"messages": row[m.messages], "use_audio_in_video": bool(row.get("use_audio_in_video", False))}
+    user: list[dict] = []
+    for kind, col in (("audio", m.audio), ("image", m.image)):
+        if col is not None:
+            value = row[col]
+            user.append({"type": kind, kind: value.get("bytes") or value.get("path")})
+    text = row[m.prompt] if m.prompt else m.prompt_text
+    if text:
+        user.append({"type": "text", "text": text})
+    return {"messages": [{"role": "user", "content": user},
+                         {"role": "assistant", "content": row[m.response]}]}
+
+
+# ---------------------------------------------------------------------------------------------------- samples
+
+
+def _media_ref(ref, base_dir: Path):
+    """A media reference: a path (relative to the manifest) or raw bytes (from a datasets column)."""
+    if isinstance(ref, bytes):
+        return io.BytesIO(ref)
+    if not isinstance(ref, str):
+        raise MediaError(f"media reference {ref!r} is neither a path nor bytes")
+    path = Path(ref) if Path(ref).is_absolute() else base_dir / ref
+    if not path.is_file():
+        raise MediaError(f"media file {path} does not exist")
+    return str(path)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array.astype(np.int32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def prepare(sid: str, record: dict, base_dir: Path, cfg: PrepConfig, tokenizer, source_name: str = "") -> Prepared:
+    """One conversation -> the files of its shard sample. Raises SampleError (with the reason) for a bad one."""
+    budget = VisionBudget(cfg.image_min_pixels, cfg.image_max_pixels, cfg.video_min_pixels, cfg.video_max_pixels,
+                          cfg.video_total_pixels, cfg.fps, cfg.min_frames, cfg.max_frames)
+    messages = record["messages"]
+    use_audio_in_video = bool(record.get("use_audio_in_video", False))
+    files: dict[str, bytes] = {}
+    media, meta = [], []
+    seconds: dict[str, float] = defaultdict(float)
+    for i, part in enumerate(media_parts(messages)):
+        kind = part["type"]
+        if kind not in part:
+            raise SampleError(f"{kind} part without a '{kind}' field")
+        ref = _media_ref(part[kind], base_dir)
+        if kind == "audio":
+            wave = load_audio(ref, cfg.max_audio_seconds)
+            files[f"m{i}.flac"] = encode_flac(wave)
+            media.append(Media("audio", audio_samples=wave.size))
+            meta.append({"type": "audio", "audio_len": wave.size, "audio_tokens": audio_tokens(wave.size)})
+            seconds["audio"] += wave.size / SAMPLE_RATE
+        elif kind == "image":
+            image = load_image(ref, budget)
+            files[f"m{i}.jpg"] = encode_jpeg(image, cfg.jpeg_quality)
+            grid = grid_thw(1, image.height, image.width)
+            media.append(Media("image", grid_thw=grid))
+            meta.append({"type": "image", "grid_thw": list(grid)})
+        else:
+            video = load_video(ref, budget, use_audio_in_video, cfg.max_audio_seconds)
+            for j, frame in enumerate(video.frames):
+                files[f"m{i}.{j:04d}.jpg"] = encode_jpeg(frame, cfg.jpeg_quality)
+            grid = grid_thw(len(video.frames), video.frames[0].height, video.frames[0].width)
+            item = {"type": "video", "grid_thw": list(grid), "second_per_grid": video.second_per_grid,
+                    "num_frames": len(video.frames)}
+            samples = 0
+            if video.audio is not None:
+                files[f"m{i}.flac"] = encode_flac(video.audio)
+                samples = video.audio.size
+                item.update(audio_len=samples, audio_tokens=audio_tokens(samples))
+                seconds["video_audio"] += samples / SAMPLE_RATE
+            media.append(Media("video", audio_samples=samples, grid_thw=grid, second_per_grid=video.second_per_grid))
+            meta.append(item)
+            seconds["video"] += len(video.frames) / cfg.fps
+    enc = encode(messages, tokenizer, media, use_audio_in_video)
+    n = len(enc["input_ids"])
+    if n > cfg.max_len:
+        raise SampleError(f"{n} tokens > max_len={cfg.max_len} (media spans are never cut)")
+    if not (enc["labels"] != -100).any():
+        raise SampleError("no assistant token carries a label")
+    files["json"] = json.dumps({"id": sid, "source": source_name, "messages": _without_bytes(messages),
+                                "use_audio_in_video": use_audio_in_video, "media": meta, "num_tokens": n},
+                               sort_keys=True).encode()
+    files["input_ids.npy"] = _npy(enc["input_ids"])
+    files["labels.npy"] = _npy(enc["labels"])
+    files["position_ids.npy"] = _npy(enc["position_ids"])
+    modalities = tuple(sorted({m["type"] for m in meta} | ({"video_audio"} if use_audio_in_video and any(
+        m["type"] == "video" for m in meta) else set()))) or ("text",)
+    return Prepared(files, n, dict(seconds), modalities)
+
+
+def _without_bytes(messages: list[dict]) -> list[dict]:
+    """The conversation as stored in the sample's json: media given as raw bytes become "<bytes>"."""
+    def part(p):
+        return {**p, p["type"]: "<bytes>"} if isinstance(p.get(p["type"]), bytes) else p
+
+    return [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
+            for m in messages]
+
+
+_worker_state: dict = {}
+
+
+def _init_worker(cfg: PrepConfig, tokenizer_path: str | None, source_name: str) -> None:
+    _worker_state.update(cfg=cfg, tokenizer=load_tokenizer(tokenizer_path), source_name=source_name)
+
+
+def _work(item):
+    sid, record, base_dir, error = item
+    if error is not None:
+        return sid, None, error
+    try:
+        s = _worker_state
+        return sid, prepare(sid, record, base_dir, s["cfg"], s["tokenizer"], s["source_name"]), None
+    except SampleError as e:
+        return sid, None, str(e)
+    except (KeyError, TypeError, AttributeError) as e:
+        return sid, None, f"malformed conversation: {e!r}"
+
+
+# ---------------------------------------------------------------------------------------------------- shards
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+@dataclass
+class _Shard:
+    name: str
+    samples: int = 0
+    bytes: int = 0
+    tokens: int = 0
+    media_seconds: dict = field(default_factory=lambda: defaultdict(float))
+    modalities: Counter = field(default_factory=Counter)
+    rejects: list = field(default_factory=list)
+
+
+class ShardWriter:
+    """Appends samples to `shard-NNNNNN.tar`, starting a new shard when the next sample would pass the bound."""
+
+    def __init__(self, out_dir: Path, shard_bytes: int, first_index: int, first_sample: int):
+        self.out_dir, self.shard_bytes = out_dir, shard_bytes
+        self.index, self.next_sample = first_index, first_sample
+        self.tar = self.current = None
+
+    def _open(self) -> None:
+        self.current = _Shard(f"shard-{self.index:06d}.tar")
+        self.tar = tarfile.open(self.out_dir / f".{self.current.name}.tmp", "w", format=tarfile.USTAR_FORMAT)
+
+    def add(self, prepared: Prepared, on_close) -> None:
+        size = sum(len(v) + 1024 for v in prepared.files.values())
+        if self.current is not None and self.current.samples and self.current.bytes + size > self.shard_bytes:
+            self.close(on_close)
+        if self.current is None:
+            self._open()
+        key = f"s{self.next_sample:09d}"
+        for ext, data in sorted(prepared.files.items()):
+            _tar_member(self.tar, f"{key}.{ext}", data)
+        self.next_sample += 1
+        s = self.current
+        s.samples, s.bytes, s.tokens = s.samples + 1, s.bytes + size, s.tokens + prepared.tokens
+        for k, v in prepared.media_seconds.items():
+            s.media_seconds[k] += v
+        s.modalities.update(prepared.modalities)
+
+    def reject(self, sid: str, reason: str) -> None:
+        if self.current is None:
+            self._open()
+        self.current.rejects.append({"id": sid, "reason": reason})
+
+    def close(self, on_close) -> None:
+        if self.current is None:
+            return
+        self.tar.close()
+        tmp = self.out_dir / f".{self.current.name}.tmp"
+        if self.current.samples:
+            tmp.rename(self.out_dir / self.current.name)
+            self.index += 1
+        else:
+            tmp.unlink()
+        on_close(self.current)
+        self.current = self.tar = None
+
+
+# ---------------------------------------------------------------------------------------------------- build
+
+
+def _read_progress(out_dir: Path, header: dict) -> list[dict]:
+    """Entries of complete shards from an earlier run with the same settings; stray files are removed."""
+    path = out_dir / PROGRESS
+    entries: list[dict] = []
+    if path.is_file():
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if lines and lines[0] != header:
+            raise ConfigError(f"{out_dir} holds a build with other settings or another tokenizer: use a new output "
+                              "directory or delete it")
+        for entry in lines[1:]:
+            if entry["samples"] and not (out_dir / entry["name"]).is_file():
+                break
+            entries.append(entry)
+    kept = {e["name"] for e in entries}
+    for stray in [*out_dir.glob(".shard-*.tmp"), *out_dir.glob("shard-*.tar")]:
+        if stray.name not in kept:
+            stray.unlink()
+    write_text_atomic(path, "".join(json.dumps(x) + "\n" for x in [header, *entries]))
+    return entries
+
+
+def build(source: str, out_dir: str, cfg: PrepConfig, tokenizer_path: str | None = None, progress: bool = True) -> dict:
+    """Prepare every conversation of `source` into shards under `out_dir`; returns the index."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(tokenizer_path)
+    header = {"source": str(Path(source).resolve()), "tokenizer_hash": tokenizer_hash(tokenizer),
+              "config": cfg.fingerprint()}
+    entries = _read_progress(out, header)
+    done_items = sum(e["samples"] + len(e["rejects"]) for e in entries)
+    writer = ShardWriter(out, cfg.shard_bytes, first_index=sum(1 for e in entries if e["samples"]),
+                         first_sample=sum(e["samples"] for e in entries))
+    seen, rejected = done_items, sum(len(e["rejects"]) for e in entries)
+
+    def on_close(shard: _Shard) -> None:
+        entry = {"name": shard.name if shard.samples else None, "samples": shard.samples, "tokens": shard.tokens,
+                 "bytes": shard.bytes, "media_seconds": dict(shard.media_seconds),
+                 "modalities": dict(shard.modalities), "rejects": shard.rejects}
+        entries.append(entry)
+        with (out / PROGRESS).open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    records = iter_records(source, cfg)
+    for _ in range(done_items):
+        next(records)
+    started, bar = time.perf_counter(), _progress_bar(progress)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, tokenizer_path, Path(source).name)) as pool:
+        for sid, prepared, reason in pool.imap(_work, records, chunksize=2):
+            seen += 1
+            if prepared is None:
+                rejected += 1
+                writer.reject(sid, reason)
+            else:
+                writer.add(prepared, on_close)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(rejected=rejected, samples_s=f"{(seen - done_items) / (time.perf_counter() - started):.1f}")
+            if seen >= MIN_SAMPLES_BEFORE_STOPPING and rejected / seen > cfg.max_reject_fraction:
+                writer.close(on_close)
+                _write_rejects(out, entries)
+                raise ConfigError(
+                    f"{rejected} of {seen} samples rejected (> max_reject_fraction={cfg.max_reject_fraction}); reasons "
+                    f"in {out / 'rejects.jsonl'}. Fix the data or raise max_reject_fraction; a re-run resumes"
+                )
+    writer.close(on_close)
+    if bar is not None:
+        bar.close()
+    index = _write_index(out, header, entries)
+    elapsed = time.perf_counter() - started
+    print(f"omni-prep: {index['totals']['samples']} samples in {len(index['shards'])} shards, "
+          f"{index['totals']['rejected']} rejected ({out / 'rejects.jsonl'}), {elapsed:.1f} s", file=sys.stderr)
+    return index
+
+
+def _progress_bar(enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc="prep", unit="sample", dynamic_ncols=True)
+
+
+def _write_rejects(out: Path, entries: list[dict]) -> list[dict]:
+    rejects = [r for e in entries for r in e["rejects"]]
+    write_text_atomic(out / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
+    return rejects
+
+
+def _write_index(out: Path, header: dict, entries: list[dict]) -> dict:
+    rejects = _write_rejects(out, entries)
+    shards = [{k: e[k] for k in ("name", "samples", "tokens", "bytes", "media_seconds", "modalities")}
+              for e in entries if e["samples"]]
+    totals = {"samples": sum(s["samples"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
+              "rejected": len(rejects), "media_seconds": {}, "modalities": {}}
+    for s in shards:
+        for key in ("media_seconds", "modalities"):
+            for k, v in s[key].items():
+                totals[key][k] = totals[key].get(k, 0) + v
+    reasons = Counter(r["reason"].split(":")[0] for r in rejects)
+    index = {**header, "shards": shards, "totals": totals, "reject_reasons": dict(reasons)}
+    write_json_atomic(out / "index.json", index)
+    write_text_atomic(out / "stats.txt", _stats_text(index))
+    return index
+
+
+def _stats_text(index: dict) -> str:
+    t = index["totals"]
+    lines = [f"source: {index['source']}", f"tokenizer: {index['tokenizer_hash']}",
+             f"samples: {t['samples']} in {len(index['shards'])} shards; rejected: {t['rejected']}",
+             f"tokens: {t['tokens']} (mean {t['tokens'] / max(1, t['samples']):.0f} per sample)", "",
+             "samples per modality:"]
+    lines += [f"  {k:12s} {v}" for k, v in sorted(t["modalities"].items())]
+    lines += ["", "media seconds:"] + [f"  {k:12s} {v:.1f}" for k, v in sorted(t["media_seconds"].items())]
+    if index["reject_reasons"]:
+        lines += ["", "reject reasons:"] + [f"  {v:5d}  {k}" for k, v in sorted(index["reject_reasons"].items())]
+    lines += ["", "per shard: name samples tokens bytes"]
+    lines += [f"  {s['name']} {s['samples']} {s['tokens']} {s['bytes']}" for s in index["shards"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,87 @@
+"""Preparation settings: one structured schema, set from `key=value` overrides on the `omni-prep` command line.
+
+Owns: the defaults (Qwen2.5-Omni's: 2 fps, 4..768 frames, the processor's pixel budgets, 300-s audio) and their
+validation, so that a wrong key or value stops the build with one line before any file is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from omni_train.config import ConfigError
+
+
+@dataclass
+class HFSource:
+    """Column mapping for a Hugging Face `datasets` source (a `load_from_disk` directory, parquet or json)."""
+
+    # Column holding the conversation in Qwen2.5-Omni's message format; or build one from the columns below.
+    messages: str | None = None
+    # Single-turn mapping: the user's text (or a fixed prompt), the assistant's text, and media columns.
+    prompt: str | None = None
+    prompt_text: str | None = None
+    response: str | None = None
+    audio: str | None = None
+    image: str | None = None
+    id: str | None = None
+    split: str = "train"
+
+
+@dataclass
+class PrepConfig:
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 768
+    image_min_pixels: int = 4 * 28 * 28
+    image_max_pixels: int = 16384 * 28 * 28
+    video_min_pixels: int = 128 * 28 * 28
+    video_max_pixels: int = 768 * 28 * 28
+    video_total_pixels: int = int(128000 * 28 * 28 * 0.9)
+    max_audio_seconds: float = 300.0
+    # A sample longer than this (after placeholder expansion) is rejected, never cut.
+    max_len: int = 32768
+    shard_bytes: int = 512 * 1024 * 1024
+    workers: int = 2
+    # Stop when more than this fraction of the samples seen so far (after the first 20) is rejected.
+    max_reject_fraction: float = 0.5
+    jpeg_quality: int = 90
+    hf: HFSource = field(default_factory=HFSource)
+
+    def validate(self) -> None:
+        checks = [
+            (self.fps > 0, f"fps={self.fps} must be positive"),
+            (2 <= self.min_frames <= self.max_frames, f"need 2 <= min_frames={self.min_frames} <= max_frames"),
+            (0 < self.image_min_pixels <= self.image_max_pixels, "need 0 < image_min_pixels <= image_max_pixels"),
+            (0 < self.video_min_pixels <= self.video_max_pixels, "need 0 < video_min_pixels <= video_max_pixels"),
+            (self.max_audio_seconds > 0, f"max_audio_seconds={self.max_audio_seconds} must be positive"),
+            (self.max_len > 0, f"max_len={self.max_len} must be positive"),
+            (self.shard_bytes >= 1024, f"shard_bytes={self.shard_bytes} must be at least 1024"),
+            (self.workers >= 1, f"workers={self.workers} must be at least 1"),
+            (0 <= self.max_reject_fraction <= 1, "max_reject_fraction must lie in [0, 1]"),
+            (1 <= self.jpeg_quality <= 100, f"jpeg_quality={self.jpeg_quality} must lie in [1, 100]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def fingerprint(self) -> dict:
+        """What determines the bytes of the shards (workers do not)."""
+        d = asdict(self)
+        d.pop("workers")
+        return d
+
+
+def from_overrides(overrides: list[str]) -> PrepConfig:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got {bad}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(PrepConfig), OmegaConf.from_dotlist(overrides))
+        cfg: PrepConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    cfg.validate()
+    return cfg
