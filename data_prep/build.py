@@ -363,7 +363,7 @@ def build(source: str, out_dir: str, cfg: PrepConfig, tokenizer_path: str | None
                 writer.add(prepared, on_close)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(rejected=rejected, samples_s=f"{(seen - done_items) / (time.perf_counter() - started):.1f}")
+                bar.set_postfix(rejected=rejected, refresh=False)
             if seen >= MIN_SAMPLES_BEFORE_STOPPING and rejected / seen > cfg.max_reject_fraction:
                 writer.close(on_close)
                 _write_rejects(out, entries)
@@ -378,6 +378,20 @@ def build(source: str, out_dir: str, cfg: PrepConfig, tokenizer_path: str | None
     elapsed = time.perf_counter() - started
     print(f"omni-prep: {index['totals']['samples']} samples in {len(index['shards'])} shards, "
           f"{index['totals']['rejected']} rejected ({out / 'rejects.jsonl'}), {elapsed:.1f} s", file=sys.stderr)
+    return index
+
+
+def load_index(shard_dir: str | Path, tokenizer) -> dict:
+    """The index of a finished build, checked against the tokenizer that will read it."""
+    path = Path(shard_dir) / "index.json"
+    if not path.is_file():
+        raise ConfigError(f"{shard_dir} has no index.json: build it with `omni-prep build SOURCE {shard_dir}`")
+    index = json.loads(path.read_text())
+    if index["tokenizer_hash"] != tokenizer_hash(tokenizer):
+        raise ConfigError(
+            f"shards in {shard_dir} were made with tokenizer {index['tokenizer_hash']}, but this model's is "
+            f"{tokenizer_hash(tokenizer)}: rebuild them with `omni-prep build ... --tokenizer MODEL_PATH`"
+        )
     return index
 
 

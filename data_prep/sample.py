@@ -8,7 +8,11 @@ format, media paths relative to it) with the media under `media/`:
 - videos: real MP4 files (H.264 + AAC, written with PyAV) where a shape appears at a known time together with a
   tone, so that answering "when" needs the audio and the frames aligned in time; asked with and without
   `use_audio_in_video`;
-- mixtures: an image and a spoken question in one turn, and a spoken turn followed by a text turn.
+- mixtures: an image and a spoken question in one turn, and a spoken turn followed by a text turn;
+- `triplets.jsonl`: Talker preference triplets (conversation with the spoken reply's text, chosen and rejected
+  codec id sequences). No codec encoder was released, so the codes are synthetic: the chosen sequence follows the
+  reply's characters (two codes per character, a fixed map), the rejected one is the same with a share of its codes
+  replaced at random, a learnable preference.
 The tasks are learnable by a tiny model, so a falling loss means the pipeline trains.
 """
 
@@ -208,7 +212,30 @@ def write_sample_corpus(out_dir: str | os.PathLike, seed: int = 0, speech: int =
             _user({"type": "text", "text": "And its shape?"}),
             _assistant(f"It is a {shape}.")]})
 
+    write_triplets(out, rng)
     text_path = write_text_corpus(out, n=texts, seed=seed)
     records.extend(json.loads(line) for line in text_path.read_text().splitlines())
     manifest = out / "manifest.jsonl"
     return write_text_atomic(manifest, "".join(json.dumps(r) + "\n" for r in records))
+
+
+CODEBOOK = 8192  # codec ids 0..8191 are codes; 8292.. are the Talker's special ids
+
+
+def _codes(text: str) -> list[int]:
+    return [(ord(c) * 37 + k * 1009) % CODEBOOK for c in text for k in range(2)]
+
+
+def write_triplets(out_dir: Path, rng: random.Random, n: int = 48) -> Path:
+    """Talker DPO triplets: {id, messages (ending with the assistant's reply text), chosen, rejected, speaker}."""
+    lines = []
+    for i in range(n):
+        a, b = rng.randrange(20), rng.randrange(20)
+        reply = f"{a} plus {b} is {a + b}."
+        chosen = _codes(reply)
+        rejected = [rng.randrange(CODEBOOK) if rng.random() < 0.3 else c for c in chosen]
+        lines.append(json.dumps({"id": f"triplet-{i:03d}", "speaker": "Chelsie", "chosen": chosen,
+                                 "rejected": rejected, "messages": [
+                                     {"role": "user", "content": f"What is {a} plus {b}?"},
+                                     {"role": "assistant", "content": reply}]}))
+    return write_text_atomic(out_dir / "triplets.jsonl", "".join(line + "\n" for line in lines))

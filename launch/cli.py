@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from omni_train.config import Config, ConfigError, register, validate
 
 
@@ -48,6 +50,8 @@ def launch(overrides: list[str]) -> int:
     if cfg.launcher.name != "local":
         raise ConfigError(f"launcher={cfg.launcher.name} is not available yet: use launcher=local")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")  # say so, rather than have every rank warn that it guessed
     return subprocess.call(command(cfg, overrides), env=env)
 
 

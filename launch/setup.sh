@@ -5,6 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# Real speech for the sample corpus: espeak-ng (Debian/Ubuntu). Without it the corpus uses synthetic voiced audio.
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng) >/dev/null \
+      || echo "omni-train: could not install espeak-ng; the sample corpus will use synthetic speech" >&2
+  else
+    echo "omni-train: espeak-ng not found (sudo apt-get install espeak-ng); the sample corpus will use synthetic speech" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -1,8 +1,9 @@
 """`omni-demo`: the whole pipeline that exists today, on the tiny model and the sample corpus, 2 CPU processes.
 
 Owns: the order of the demo's stages and `outputs/demo/summary.json` ({"stages": {NAME: {...}}} in the order the
-stages ran). Each stage is a plain `omni-launch` run, exactly what a user would type; the demo adds nothing the
-command line cannot do. Today: sample corpus -> Thinker SFT under ZeRO-3 -> export.
+stages ran, plus a "data" entry for preparation). Each step is what a user would type (`omni-prep sample`,
+`omni-prep build`, `omni-launch ...`); the demo adds nothing the command line cannot do. Today: sample corpus ->
+shards -> Thinker SFT under ZeRO-3 (on the corpus's text conversations until the shard loader lands) -> export.
 """
 
 from __future__ import annotations
@@ -22,12 +23,18 @@ STAGES = [
 
 
 def main(argv: list[str] | None = None) -> None:
-    from data_prep.sample import write_text_corpus
+    from data_prep.build import build
+    from data_prep.config import from_overrides
+    from data_prep.sample import write_sample_corpus
 
     out = Path("outputs/demo")
     shutil.rmtree(out, ignore_errors=True)  # the demo always starts from nothing
-    corpus = write_text_corpus(out / "sample")
-    summary: dict = {"stages": {}}
+    manifest = write_sample_corpus(out / "sample")
+    corpus = manifest.parent / "text.jsonl"
+    print(f"omni-demo: data: omni-prep build {manifest} {out / 'shards'}", flush=True)
+    index = build(str(manifest), str(out / "shards"), from_overrides([]))
+    summary: dict = {"data": {"manifest": str(manifest), "shards": str(out / "shards"),
+                              "num_shards": len(index["shards"]), **index["totals"]}, "stages": {}}
     for stage, overrides in STAGES:
         run_dir = out / stage
         args = [f"stage={stage}", f"run_dir={run_dir}", f"data.train={corpus}", *overrides, *(argv or sys.argv[1:])]

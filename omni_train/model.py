@@ -13,7 +13,9 @@ Checkpoint layouts accepted by `model.path`:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -37,20 +39,33 @@ def omni_config(cfg: ModelConfig):
     """The full `Qwen2_5OmniConfig` (Thinker, Talker, Token2Wav) for a preset or a checkpoint directory."""
     from transformers import Qwen2_5OmniConfig
 
-    if cfg.path is None:
-        return Qwen2_5OmniConfig(**_plain(cfg.hf_config))
-    raw = _read_checkpoint_config(Path(cfg.path))
-    if raw.get("model_type") == "qwen2_5_omni":
-        return Qwen2_5OmniConfig.from_pretrained(cfg.path)
-    if raw.get("model_type") == "qwen2_5_omni_thinker":
-        # A Thinker export: keep the preset's Talker and Token2Wav, take the Thinker from the checkpoint.
-        hf = _plain(cfg.hf_config)
-        hf["thinker_config"] = raw
-        return Qwen2_5OmniConfig(**hf)
+    raw = _read_checkpoint_config(Path(cfg.path)) if cfg.path is not None else None
+    # transformers warns that the Talker config holds token ids beyond the codec vocabulary: they are Thinker ids
+    # (tts_text_*, vision/audio bos), by design; silence that one false alarm.
+    with _transformers_log_level(logging.ERROR):
+        if raw is None:
+            return Qwen2_5OmniConfig(**_plain(cfg.hf_config))
+        if raw.get("model_type") == "qwen2_5_omni":
+            return Qwen2_5OmniConfig.from_pretrained(cfg.path)
+        if raw.get("model_type") == "qwen2_5_omni_thinker":
+            # A Thinker export: keep the preset's Talker and Token2Wav, take the Thinker from the checkpoint.
+            return Qwen2_5OmniConfig(**{**_plain(cfg.hf_config), "thinker_config": raw})
     raise ConfigError(
         f"model.path={cfg.path} holds a '{raw.get('model_type')}' checkpoint; expected a Qwen2.5-Omni "
         "('qwen2_5_omni') or Qwen2.5-Omni Thinker ('qwen2_5_omni_thinker') checkpoint"
     )
+
+
+@contextlib.contextmanager
+def _transformers_log_level(level: int):
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def _plain(node: Any) -> Any:

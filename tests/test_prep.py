@@ -295,13 +295,40 @@ def test_hugging_face_datasets_source_with_column_mapping(tmp_path):
     soundfile.write(buf, (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16_000, format="WAV")
     ds = datasets.Dataset.from_dict({"clip": [{"bytes": buf.getvalue(), "path": None}] * 2,
                                      "transcript": ["a hum", "another hum"], "uid": ["u0", "u1"]})
-    ds.cast_column("clip", datasets.Audio(decode=False)).save_to_disk(str(tmp_path / "hf"))
-    out = tmp_path / "shards"
-    index = build(str(tmp_path / "hf"), str(out), from_overrides(
-        ["hf.audio=clip", "hf.response=transcript", "hf.id=uid", "hf.prompt_text=Transcribe the audio."]),
-        progress=False)
-    assert index["totals"]["samples"] == 2
-    first = _samples(out)[0]
-    assert first["json"]["id"] == "u0" and first["json"]["media"] == [
-        {"type": "audio", "audio_len": 24_000, "audio_tokens": 37}]  # 150 mel frames -> 75 -> 37
-    assert first["json"]["messages"][0]["content"][0]["audio"] == "<bytes>"
+    ds = ds.cast_column("clip", datasets.Audio(decode=False))
+    ds.save_to_disk(str(tmp_path / "hf"))
+    ds.to_parquet(str(tmp_path / "clips.parquet"))
+    mapping = ["hf.audio=clip", "hf.response=transcript", "hf.id=uid", "hf.prompt_text=Transcribe the audio."]
+    for source in (tmp_path / "hf", tmp_path / "clips.parquet"):
+        out = tmp_path / f"shards-{source.name}"
+        index = build(str(source), str(out), from_overrides(mapping), progress=False)
+        assert index["totals"]["samples"] == 2
+        first = _samples(out)[0]
+        assert first["json"]["id"] == "u0" and first["json"]["media"] == [
+            {"type": "audio", "audio_len": 24_000, "audio_tokens": 37}]  # 150 mel frames -> 75 -> 37
+        assert first["json"]["messages"][0]["content"][0]["audio"] == "<bytes>"
+        assert first["json"]["messages"][1]["content"] == "a hum"
+
+
+def test_shards_made_with_another_tokenizer_are_refused(sample_shards, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from data_prep.build import load_index
+    from omni_train.config import ConfigError
+
+    assert load_index(sample_shards, load_tokenizer())["totals"]["samples"] == 268
+    load_tokenizer().save_pretrained(tmp_path / "tok")
+    other = PreTrainedTokenizerFast.from_pretrained(tmp_path / "tok")
+    other.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    with pytest.raises(ConfigError, match="were made with tokenizer .* rebuild them"):
+        load_index(sample_shards, other)
+
+
+def test_without_espeak_the_corpus_has_synthetic_voiced_speech(tmp_path, monkeypatch):
+    import data_prep.sample as sample
+
+    monkeypatch.setattr(sample.shutil, "which", lambda name: None)
+    manifest = sample.write_sample_corpus(tmp_path / "c", speech=4, images=0, videos=0, texts=0)
+    index = build(str(manifest), str(tmp_path / "s"), from_overrides(["workers=1"]), progress=False)
+    assert index["totals"]["rejected"] == 0
+    assert index["totals"]["modalities"]["audio"] == 8  # 4 speech items + 4 mixed items
