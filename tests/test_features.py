@@ -43,7 +43,9 @@ def test_log_mel_of_a_45_s_clip_is_not_cut_at_30_s():
 
 @pytest.mark.parametrize("size", [(56, 56), (112, 336), (280, 196)])
 def test_image_patches_equal_qwen2vl_image_processor(size):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     pixels = np.random.default_rng(size[0]).integers(0, 256, (*size, 3), dtype=np.uint8)
     reference = Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28)(

@@ -1,0 +1,126 @@
+"""Shard samples -> model samples -> packed batches.
+
+Owns: decoding one shard sample into model inputs (`ModelSample`: tokens, labels, TMRoPE positions, log-mel
+features per audio clip, vision patch rows per image/video), best-fit packing of samples into rows of `max_len`
+tokens, and collation of packed rows into the batch the Thinker objective takes.
+
+A packed row is samples laid end to end, each keeping its own TMRoPE positions (3 x L, starting at 0), plus a
+fourth, leading position row of plain per-sample text positions (0, 1, ... restarting at every sample). transformers'
+Qwen2.5-Omni text model reads that leading row to find sample boundaries: flash-attention's varlen path takes
+cu_seqlens from it, and SDPA gets a block-diagonal causal mask, so attention never crosses samples. The row's
+tail padding is one more "sample" of pad tokens with no labels. Media tensors are concatenated in order of
+appearance across the whole batch, matching the order of their placeholder tokens.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data_prep.chatml import IGNORE
+from data_prep.media import decode_flac
+from omni_train.features import log_mel, patchify
+
+
+@dataclass
+class ModelSample:
+    id: str
+    input_ids: torch.Tensor  # (L,)
+    labels: torch.Tensor  # (L,)
+    positions: torch.Tensor  # (3, L)
+    audio: list[torch.Tensor]  # (128, frames) per clip, in order of appearance
+    vision: list[torch.Tensor]  # (rows, 1176) per image or video, in order of appearance
+    grids: list[tuple[int, int, int]]
+    vision_kinds: list[str]  # "image" or "video", per entry of `vision`
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _jpeg(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.array(image.convert("RGB"))
+
+
+def decode_sample(sample: dict) -> ModelSample:
+    """A shard sample (as webdataset yields it, npy and json decoded) -> model inputs."""
+    info = sample["json"]
+    audio, vision, grids, kinds = [], [], [], []
+    for i, media in enumerate(info["media"]):
+        if "audio_len" in media:
+            audio.append(log_mel(decode_flac(sample[f"m{i}.flac"])))
+        if media["type"] == "image":
+            frames = _jpeg(sample[f"m{i}.jpg"])[None]
+        elif media["type"] == "video":
+            frames = np.stack([_jpeg(sample[f"m{i}.{j:04d}.jpg"]) for j in range(media["num_frames"])])
+        else:
+            continue
+        rows, grid = patchify(frames)
+        if list(grid) != media["grid_thw"]:
+            raise ValueError(f"sample {info['id']}: media {i} decodes to grid {grid}, its json says {media['grid_thw']}")
+        vision.append(rows)
+        grids.append(grid)
+        kinds.append(media["type"])
+    return ModelSample(
+        id=info["id"],
+        input_ids=torch.from_numpy(sample["input_ids.npy"].astype(np.int64)),
+        labels=torch.from_numpy(sample["labels.npy"].astype(np.int64)),
+        positions=torch.from_numpy(sample["position_ids.npy"].astype(np.int64)),
+        audio=audio, vision=vision, grids=grids, vision_kinds=kinds,
+    )
+
+
+def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Pack items into bins of `capacity`: longest first, each into the fullest bin it still fits (best-fit
+    decreasing). Deterministic: ties go to the lower index. Returns bins of item indices in input order."""
+    too_long = [i for i, n in enumerate(lengths) if n > capacity]
+    if too_long:
+        raise ValueError(f"items {too_long} are longer than the capacity {capacity}")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fits = [b for b in range(len(bins)) if room[b] >= lengths[i]]
+        if fits:
+            b = min(fits, key=lambda b: (room[b], b))
+        else:
+            bins.append([])
+            room.append(capacity)
+            b = len(bins) - 1
+        bins[b].append(i)
+        room[b] -= lengths[i]
+    return [sorted(b) for b in bins]
+
+
+def collate_packed(rows: list[list[ModelSample]], length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of samples -> a (B, length) packed batch with (4, B, length) positions and concatenated media."""
+    b = len(rows)
+    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
+    labels = torch.full((b, length), IGNORE, dtype=torch.long)
+    positions = torch.zeros((4, b, length), dtype=torch.long)
+    audio, vision, grids = [], [], []
+    for r, row in enumerate(rows):
+        start = 0
+        for s in row:
+            end = start + len(s)
+            if end > length:
+                raise ValueError(f"row {r} holds {end} tokens > {length}")
+            input_ids[r, start:end], labels[r, start:end] = s.input_ids, s.labels
+            positions[0, r, start:end] = torch.arange(len(s))
+            positions[1:, r, start:end] = s.positions
+            audio += s.audio
+            vision += s.vision
+            grids += s.grids
+            start = end
+        positions[:, r, start:] = torch.arange(length - start)  # the padding is a sample of its own
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+    if audio:
+        batch["audio_features"] = torch.cat(audio, dim=1)
+        batch["audio_lengths"] = torch.tensor([a.shape[1] for a in audio], dtype=torch.long)
+    if vision:
+        batch["pixel_values"] = torch.cat(vision, dim=0)
+        batch["grid_thw"] = torch.tensor(grids, dtype=torch.long)
+    return batch
