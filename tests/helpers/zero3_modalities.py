@@ -1,0 +1,91 @@
+"""One rank of the ZeRO-3 modality test (started by torchrun from tests/test_zero3_modalities.py).
+
+Rank 0 trains on micro-batches with a changing number of audio clips, images and videos; rank 1 only ever gets
+text. With `--objective ours` the ranks run ThinkerLM (encoders once per micro-batch, dummies when absent); with
+`--objective transformers` they call transformers' own Thinker forward, which skips an absent modality's encoder:
+the control that shows the test can fail. Writes OUT/rank{R}.json with the losses when it finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+
+
+class TransformersForward(torch.nn.Module):
+    """transformers' own merge: encoders run only for the modalities present in the micro-batch."""
+
+    def __init__(self, thinker):
+        super().__init__()
+        self.thinker = thinker
+
+    def forward(self, input_ids, labels, position_ids, audio_features=None, audio_lengths=None, pixel_values=None,
+                grid_thw=None):
+        kwargs = {}
+        if audio_features is not None:
+            frames = int(audio_lengths.max())
+            feats = torch.zeros(len(audio_lengths), audio_features.shape[0], frames)
+            mask = torch.zeros(len(audio_lengths), frames, dtype=torch.long)
+            start = 0
+            for i, n in enumerate(audio_lengths.tolist()):
+                feats[i, :, :n], mask[i, :n] = audio_features[:, start:start + n], 1
+                start += n
+            kwargs.update(input_features=feats, feature_attention_mask=mask)
+        if pixel_values is not None:
+            kwargs.update(pixel_values=pixel_values, image_grid_thw=grid_thw)
+        out = self.thinker(input_ids=input_ids, position_ids=position_ids, **kwargs)
+        keep = labels[:, 1:] != -100
+        return F.cross_entropy(out.logits[:, :-1][keep].float(), labels[:, 1:][keep], reduction="sum")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shards", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--objective", choices=["ours", "transformers"], default="ours")
+    parser.add_argument("--steps", type=int, default=12)
+    args = parser.parse_args()
+
+    from launch.cli import compose
+    from omni_train.batch import collate_packed, decode_sample
+    from omni_train.engine import deepspeed_config, init_distributed, initialize
+    from omni_train.model import build_thinker
+    from omni_train.objectives import ThinkerLM
+
+    cfg = compose(["model=tiny", "trainer.micro_batch_size=1", "trainer.warmup_steps=0", "trainer.lr=1e-3"])
+    rank, world = init_distributed(timeout_min=1.0)
+    torch.manual_seed(0)
+    urls = [str(p) for p in sorted(Path(args.shards).glob("shard-*.tar"))]
+    # Every rank reads every shard here (the test picks per-rank samples itself).
+    reader = wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda shards: shards).decode()
+    samples = [decode_sample(s) for s in reader]
+    # Speech, images, image + speech (videos need use_audio_in_video, which the control's forward is not given).
+    media = [s for s in samples if (s.audio or s.vision) and "video" not in s.vision_kinds]
+    texts = [s for s in samples if not s.audio and not s.vision]
+    ds_config = deepspeed_config(cfg, world)
+    thinker = build_thinker(cfg.model, ds_config)
+    module = ThinkerLM(thinker) if args.objective == "ours" else TransformersForward(thinker)
+    engine, _, _ = initialize(cfg, module, ds_config)
+    losses = []
+    for step in range(args.steps):
+        if rank == 0:
+            # 1, 2 or 3 media samples per micro-batch: the clip and image counts change every step.
+            row = [media[(step * 3 + k) % len(media)] for k in range(step % 3 + 1)]
+        else:
+            row = [texts[step % len(texts)], texts[(step + 1) % len(texts)]]
+        batch = collate_packed([row], length=2048, pad_id=151643)
+        loss = engine(**batch)
+        engine.backward(loss / max(1, int((batch["labels"][:, 1:] != -100).sum())))
+        engine.step()
+        losses.append(float(loss))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"rank{rank}.json").write_text(json.dumps({"losses": losses}))
+
+
+if __name__ == "__main__":
+    main()
