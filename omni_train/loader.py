@@ -1,0 +1,285 @@
+"""Streaming loader: shards -> mixed, shuffled, packed micro-batches, per rank and worker, restorable in O(1).
+
+Mental model (one line per class):
+- `ShardSet`     source: the shard URLs of one source (a prepared directory, a glob, a brace list, or any URL
+                  webdataset opens), checked against the tokenizer through the build's index when there is one.
+- `SlotReader`   dataset: one source's samples for one loader slot (rank x worker), epoch after epoch; each epoch
+                  a seeded shard order, dealt round-robin to the slots (by sample when there are fewer shards
+                  than slots); a position is (epoch, shard, sample offset).
+- `SlotStream`   compose: samples drawn from the sources by weight (a counter-based RNG, so a draw is a pure
+                  function of its index), cut into chunks of `chunk_samples`, each chunk shuffled (seeded) and
+                  best-fit packed into rows of `max_len`; rows grouped into micro-batches.
+- `LoaderState`  the resume point of a slot: where its current chunk started (per-source positions, draws made)
+                  and how many micro-batches of that chunk were delivered. Restoring re-reads one chunk, never
+                  the epoch before it.
+
+A corrupt sample (unreadable tar member, broken json/npy, undecodable media) is skipped, counted per source and
+reason; more than `max_bad_samples` in a row stops the run with one clear line. Nothing is unpickled: only json and
+npy (allow_pickle=False) are decoded from shards.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from omni_train.batch import best_fit, collate_packed, decode_sample
+from omni_train.config import ConfigError
+
+
+def _expand(pattern: str) -> list[str]:
+    """Shard URLs of a source: a prepared directory, a glob, a brace list, or URLs passed through."""
+    from braceexpand import braceexpand
+
+    path = Path(pattern)
+    if path.is_dir():
+        urls = sorted(str(p) for p in path.glob("shard-*.tar"))
+    else:
+        urls = []
+        for part in braceexpand(pattern):
+            urls += sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
+    if not urls:
+        raise ConfigError(f"data source {pattern!r} matches no shard")
+    return urls
+
+
+@dataclass
+class ShardSet:
+    name: str
+    urls: list[str]
+    weight: float = 1.0
+
+    @classmethod
+    def open(cls, name: str, pattern: str, weight: float, tokenizer=None) -> ShardSet:
+        if Path(pattern).is_dir() and tokenizer is not None:
+            from data_prep.build import load_index
+
+            load_index(pattern, tokenizer)  # refuses shards made with another tokenizer
+        return cls(name, _expand(pattern), weight)
+
+
+def decode_safe(raw: dict) -> dict:
+    """json and npy only; every other member stays bytes. Pickle-bearing members make the sample corrupt."""
+    out = {}
+    for key, value in raw.items():
+        if key.startswith("__"):
+            out[key] = value
+        elif key.endswith((".pyd", ".pickle", ".pkl", ".pth")):
+            raise ValueError(f"member {key} would need unpickling")
+        elif key == "json" or key.endswith(".json"):
+            out[key] = json.loads(value)
+        elif key.endswith(".npy"):
+            out[key] = np.load(io.BytesIO(value), allow_pickle=False)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_shard(url: str):
+    """Raw samples of one shard in order (dicts of member bytes), via webdataset's own tar reading."""
+    import webdataset as wds
+
+    stream = wds.WebDataset([url], shardshuffle=False, nodesplitter=lambda s: s, workersplitter=lambda s: s,
+                            handler=wds.reraise_exception)
+    yield from stream
+
+
+@dataclass
+class Position:
+    epoch: int = 0
+    shard: int = 0  # index into this slot's shard list for the epoch
+    offset: int = 0  # samples of that shard already taken (all of them, when splitting by sample)
+
+
+class SlotReader:
+    """One source's samples for slot `slot` of `slots`, forever, from a `Position`."""
+
+    def __init__(self, shards: ShardSet, slot: int, slots: int, seed: int, position: Position):
+        self.shards, self.slot, self.slots, self.seed = shards, slot, slots, seed
+        self.position = Position(**vars(position))
+
+    def _plan(self, epoch: int) -> tuple[list[str], bool]:
+        """(this slot's shards in order, whether samples are split by index instead of by shard)."""
+        order = np.random.default_rng([self.seed, epoch, 7]).permutation(len(self.shards.urls))
+        urls = [self.shards.urls[i] for i in order]
+        if len(urls) >= self.slots:
+            return urls[self.slot :: self.slots], False
+        return urls, True
+
+    def __iter__(self):
+        """Yields (epoch, raw sample, None), or (epoch, None, reason) once for a shard that cannot be read on."""
+        while True:
+            urls, by_sample = self._plan(self.position.epoch)
+            while self.position.shard < len(urls):
+                try:
+                    for index, raw in enumerate(_read_shard(urls[self.position.shard])):
+                        if index < self.position.offset:
+                            continue
+                        self.position.offset = index + 1
+                        if by_sample and index % self.slots != self.slot:
+                            continue
+                        yield self.position.epoch, raw, None
+                except Exception as e:  # noqa: BLE001 - a truncated or unreadable tar ends that shard, not the run
+                    self.position.shard, self.position.offset = self.position.shard + 1, 0
+                    yield self.position.epoch, None, f"unreadable shard ({type(e).__name__}: {e})"
+                    continue
+                self.position.shard, self.position.offset = self.position.shard + 1, 0
+            self.position = Position(self.position.epoch + 1, 0, 0)
+
+
+@dataclass
+class LoaderState:
+    """Where a slot's current chunk began, and how far into it delivery got."""
+
+    positions: dict[str, dict] = field(default_factory=dict)
+    draws: int = 0
+    chunk: int = 0
+    delivered: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # corrupt samples set aside so far, by source: reason
+
+
+@dataclass
+class MicroBatch:
+    batch: dict[str, torch.Tensor]
+    ids: list[str]
+    sources: dict[str, int]
+    epochs: list[int]
+    real_tokens: int
+    capacity: int
+    state: LoaderState  # the resume point after this micro-batch (its `skipped` counts corrupt samples so far)
+
+
+class SlotStream:
+    """Mixed, chunk-shuffled, packed micro-batches of one slot."""
+
+    def __init__(self, sources: list[ShardSet], slot: int, slots: int, seed: int, max_len: int, rows: int,
+                 chunk_samples: int, pad_id: int, state: LoaderState | None = None, max_bad_samples: int = 100):
+        self.sources, self.slot, self.slots, self.seed = sources, slot, slots, seed
+        self.max_len, self.rows, self.chunk_samples, self.pad_id = max_len, rows, chunk_samples, pad_id
+        self.max_bad_samples = max_bad_samples
+        self.state = state or LoaderState({s.name: vars(Position()) for s in sources})
+        weights = np.array([s.weight for s in sources], dtype=np.float64)
+        if (weights <= 0).any():
+            raise ConfigError(f"data source weights must be positive, got {weights.tolist()}")
+        self.cumulative = np.cumsum(weights / weights.sum())
+
+    def _source_of(self, draw: int) -> int:
+        u = np.random.default_rng([self.seed, self.slot, draw, 11]).random()
+        return min(int(np.searchsorted(self.cumulative, u, side="right")), len(self.sources) - 1)
+
+    def _chunk(self, readers, state: LoaderState, skipped: dict[str, int]):
+        """Draw, decode and pack one chunk; returns its rows (lists of (sample, source, epoch))."""
+        items, bad_in_a_row, draws = [], 0, state.draws
+        while len(items) < self.chunk_samples:
+            k = self._source_of(draws)
+            draws += 1
+            source = self.sources[k].name
+            epoch, raw, error = next(readers[k])
+            try:
+                if error is not None:
+                    raise ValueError(error)
+                sample = decode_sample(decode_safe(raw))
+                if len(sample) > self.max_len:
+                    raise ValueError(f"{len(sample)} tokens > max_len={self.max_len}")
+            except Exception as e:  # noqa: BLE001 - any defect of one sample sets only that sample aside
+                reason = f"{source}: {str(e).split(' (')[0] if error else type(e).__name__}"
+                skipped[reason] = skipped.get(reason, 0) + 1
+                bad_in_a_row += 1
+                if bad_in_a_row > self.max_bad_samples:
+                    raise ConfigError(f"{bad_in_a_row} corrupt samples in a row in source {source} "
+                                      f"(last: {e}); check its shards") from None
+                continue
+            bad_in_a_row = 0
+            items.append((sample, source, epoch))
+        order = np.random.default_rng([self.seed, self.slot, state.chunk, 13]).permutation(len(items))
+        items = [items[i] for i in order]
+        bins = best_fit([len(s) for s, _, _ in items], self.max_len)
+        return [[items[i] for i in b] for b in bins], draws
+
+    def __iter__(self):
+        state = self.state
+        readers = [SlotReader(s, self.slot, self.slots, self.seed, Position(**state.positions[s.name]))
+                   for s in self.sources]
+        streams = [iter(r) for r in readers]
+        skipped = dict(state.skipped)
+        while True:
+            rows, draws = self._chunk(streams, state, skipped)
+            following = LoaderState({s.name: vars(Position(**vars(r.position))) for s, r in zip(self.sources, readers)},
+                                    draws, state.chunk + 1, 0, dict(skipped))
+            groups = [rows[i : i + self.rows] for i in range(0, len(rows), self.rows)]
+            for g in range(state.delivered, len(groups)):
+                flat = [item for row in groups[g] for item in row]
+                after = following if g + 1 == len(groups) else LoaderState(
+                    state.positions, state.draws, state.chunk, g + 1, dict(skipped))
+                sources: dict[str, int] = {}
+                for _, name, _ in flat:
+                    sources[name] = sources.get(name, 0) + 1
+                yield MicroBatch(
+                    batch=collate_packed([[s for s, _, _ in row] for row in groups[g]], self.max_len, self.pad_id),
+                    ids=[s.id for s, _, _ in flat], sources=sources, epochs=[e for _, _, e in flat],
+                    real_tokens=sum(len(s) for s, _, _ in flat), capacity=len(groups[g]) * self.max_len,
+                    state=after,
+                )
+            state = following
+
+
+class _Slots(torch.utils.data.IterableDataset):
+    """The rank's slots as one IterableDataset: DataLoader worker k runs slot (first + k) % workers."""
+
+    def __init__(self, loader: RankLoader, first: int):
+        self.loader, self.first = loader, first
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        local = (self.first + (info.id if info else 0)) % self.loader.workers
+        yield from ((local, mb) for mb in self.loader.stream(local))
+
+
+class RankLoader:
+    """Micro-batches of one data-parallel rank: `workers` slots (DataLoader worker processes) in a fixed
+    round-robin. Its state is every slot's `LoaderState` plus which slot delivers next; on restore the slots are
+    re-dealt to workers so that the round-robin continues where it stopped."""
+
+    def __init__(self, sources: list[ShardSet], rank: int, world: int, workers: int, seed: int, max_len: int,
+                 rows: int, chunk_samples: int, pad_id: int):
+        self.sources, self.rank, self.world, self.workers = sources, rank, world, max(1, workers)
+        self.use_processes = workers > 0
+        self.seed, self.max_len, self.rows, self.chunk_samples, self.pad_id = seed, max_len, rows, chunk_samples, pad_id
+        self.states: list[LoaderState | None] = [None] * self.workers
+        self.next_slot = 0
+
+    def stream(self, local: int) -> SlotStream:
+        return SlotStream(self.sources, self.rank * self.workers + local, self.world * self.workers, self.seed,
+                          self.max_len, self.rows, self.chunk_samples, self.pad_id, self.states[local])
+
+    def __iter__(self):
+        dataset = _Slots(self, self.next_slot)
+        if self.use_processes:
+            batches = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.workers,
+                                                  multiprocessing_context="spawn", persistent_workers=False)
+        else:
+            batches = iter(dataset)
+        for local, mb in batches:
+            self.states[local] = mb.state
+            self.next_slot = (local + 1) % self.workers
+            yield mb
+
+    def state_dict(self) -> dict:
+        return {"world": self.world, "workers": self.workers, "next_slot": self.next_slot,
+                "slots": [None if s is None else vars(s) for s in self.states]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["world"], state["workers"]) != (self.world, self.workers):
+            raise ConfigError(
+                f"loader state was saved with {state['world']} ranks x {state['workers']} workers, this run has "
+                f"{self.world} x {self.workers}: the sample order depends on both, so the resume would not be exact. "
+                "Resume with the same layout, or start a new run from the export (model.path=...)"
+            )
+        self.states = [None if s is None else LoaderState(**s) for s in state["slots"]]
+        self.next_slot = state["next_slot"]
