@@ -28,7 +28,12 @@ def compose(overrides: list[str]) -> Config:
         with initialize_config_module("omni_train.conf", version_base=None):
             cfg = OmegaConf.to_object(hydra_compose("config", overrides=overrides))
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
+        # Hydra's own message, with its cause (which names the offending key), on one line.
+        reason = " ".join(str(e).split())
+        cause = e.__cause__
+        if cause is not None and str(cause).split("\n")[0] not in reason:
+            reason += f" ({str(cause).splitlines()[0]})"
+        raise ConfigError(reason) from None
     return cfg
 
 

@@ -68,14 +68,28 @@ class TrainerConfig:
 
 
 @dataclass
+class SourceConfig:
+    name: str = MISSING
+    # Shards made by `omni-prep build`: its output directory, a glob, a brace list or URLs webdataset opens.
+    path: str = MISSING
+    # Mixing weight; the realised mixture is logged.
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
-    # JSONL conversations (Qwen2.5-Omni message format), paths relative to the file.
-    train: str = MISSING
-    max_len: int = 512
-    # Sequences are padded to a multiple of this (attention kernels want multiples of 8 or 64).
-    pad_to_multiple_of: int = 8
-    shuffle: bool = True
+    sources: list[SourceConfig] = MISSING
+    # Packed row length; samples are packed whole, a longer sample is set aside and counted.
+    max_len: int = 8192
+    # Rows are a multiple of this long (attention kernels want multiples of 8 or 64).
+    pad_to_multiple_of: int = 64
+    # Samples shuffled and packed together (the shuffle window); larger packs tighter.
+    chunk_samples: int = 256
+    # Decoding worker processes per rank (0: decode in the training process).
+    workers: int = 2
+    # Corrupt samples in a row before the run stops.
+    max_bad_samples: int = 100
 
 
 @dataclass
@@ -158,7 +172,15 @@ def validate(cfg: Config) -> None:
         d.max_len > 0 and d.max_len % d.pad_to_multiple_of == 0,
         f"data.max_len={d.max_len} must be a positive multiple of data.pad_to_multiple_of={d.pad_to_multiple_of}",
     )
-    _check(os.path.exists(d.train), f"data.train={d.train} does not exist: build the data first or fix the path")
+    _check(len(d.sources) > 0, "data.sources is empty: name at least one shard directory (omni-prep build output)")
+    names = [s.name for s in d.sources]
+    _check(len(set(names)) == len(names), f"data.sources names repeat: {names}")
+    for s in d.sources:
+        _check(os.path.exists(s.path) or any(c in s.path for c in "*?{:"),
+               f"data source {s.name}: {s.path} does not exist: build it with `omni-prep build SOURCE {s.path}`")
+        _check(s.weight > 0, f"data source {s.name}: weight={s.weight} must be positive")
+    _check(d.chunk_samples > 0 and d.workers >= 0 and d.max_bad_samples >= 0,
+           "data.chunk_samples must be positive; data.workers and data.max_bad_samples non-negative")
     _check(ds.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={ds.zero_stage} must be 0, 1, 2 or 3")
     for key in ("offload_optimizer", "offload_param"):
         _check(getattr(ds, key) in ("none", "cpu"), f"deepspeed.{key}={getattr(ds, key)} must be none or cpu")

@@ -3,7 +3,7 @@
 Owns: the order of the demo's stages and `outputs/demo/summary.json` ({"stages": {NAME: {...}}} in the order the
 stages ran, plus a "data" entry for preparation). Each step is what a user would type (`omni-prep sample`,
 `omni-prep build`, `omni-launch ...`); the demo adds nothing the command line cannot do. Today: sample corpus ->
-shards -> Thinker SFT under ZeRO-3 (on the corpus's text conversations until the shard loader lands) -> export.
+shards -> Thinker SFT under ZeRO-3 on the packed multimodal stream -> export.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ def main(argv: list[str] | None = None) -> None:
     out = Path("outputs/demo")
     shutil.rmtree(out, ignore_errors=True)  # the demo always starts from nothing
     manifest = write_sample_corpus(out / "sample")
-    corpus = manifest.parent / "text.jsonl"
     print(f"omni-demo: data: omni-prep build {manifest} {out / 'shards'}", flush=True)
     index = build(str(manifest), str(out / "shards"), from_overrides([]))
     summary: dict = {"data": {"manifest": str(manifest), "shards": str(out / "shards"),
                               "num_shards": len(index["shards"]), **index["totals"]}, "stages": {}}
     for stage, overrides in STAGES:
         run_dir = out / stage
-        args = [f"stage={stage}", f"run_dir={run_dir}", f"data.train={corpus}", *overrides, *(argv or sys.argv[1:])]
+        args = [f"stage={stage}", f"run_dir={run_dir}", f"data.sources=[{{name:sample,path:{out / 'shards'}}}]", *overrides,
+                *(argv or sys.argv[1:])]
         print(f"omni-demo: stage {stage}: omni-launch {' '.join(args)}", flush=True)
         code = launch(args)
         if code != 0:

@@ -254,9 +254,12 @@ class RankLoader:
         self.states: list[LoaderState | None] = [None] * self.workers
         self.next_slot = 0
 
+    max_bad_samples = 100
+
     def stream(self, local: int) -> SlotStream:
         return SlotStream(self.sources, self.rank * self.workers + local, self.world * self.workers, self.seed,
-                          self.max_len, self.rows, self.chunk_samples, self.pad_id, self.states[local])
+                          self.max_len, self.rows, self.chunk_samples, self.pad_id, self.states[local],
+                          self.max_bad_samples)
 
     def __iter__(self):
         dataset = _Slots(self, self.next_slot)
@@ -283,3 +286,12 @@ class RankLoader:
             )
         self.states = [None if s is None else LoaderState(**s) for s in state["slots"]]
         self.next_slot = state["next_slot"]
+
+
+def build_rank_loader(cfg, tokenizer, rank: int, world: int, seed: int, rows: int) -> RankLoader:
+    """The loader of one rank from the `data` config group (omni_train.config.DataConfig)."""
+    sources = [ShardSet.open(s.name, s.path, float(s.weight), tokenizer) for s in cfg.sources]
+    loader = RankLoader(sources, rank, world, cfg.workers, seed, cfg.max_len, rows, cfg.chunk_samples,
+                        tokenizer.pad_token_id)
+    loader.max_bad_samples = cfg.max_bad_samples
+    return loader

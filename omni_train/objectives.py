@@ -21,7 +21,7 @@ DUMMY_GRID = (1, 2, 2)
 
 
 class ThinkerLM(nn.Module):
-    """Next-token cross-entropy of transformers' Qwen2.5-Omni Thinker on padded or packed batches.
+    """Next-token cross-entropy of transformers' Qwen2.5-Omni Thinker on packed batches.
 
     Media embeddings are computed here, not in transformers' `Qwen2_5OmniThinkerModel.forward`, for one reason:
     under ZeRO-3 every rank must issue the same parameter gathers every micro-batch. So the audio encoder runs
@@ -59,11 +59,12 @@ class ThinkerLM(nn.Module):
         vision = visual(pixel_values.to(visual.patch_embed.proj.weight.dtype), grid_thw=grid_thw).pooler_output
         return _fill(embeds, (input_ids == IMAGE) | (input_ids == VIDEO), vision, dummy=no_pixels)
 
-    def forward(self, input_ids, labels, position_ids, attention_mask=None, audio_features=None, audio_lengths=None,
-                pixel_values=None, grid_thw=None) -> torch.Tensor:
+    def forward(self, input_ids, labels, position_ids, audio_features=None, audio_lengths=None, pixel_values=None,
+                grid_thw=None) -> torch.Tensor:
+        """Loss sum of a packed batch (omni_train.batch.collate_packed): the leading position row marks samples."""
         embeds = self.embed(input_ids, audio_features, audio_lengths, pixel_values, grid_thw)
         hidden = self.thinker.model.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            inputs_embeds=embeds, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE

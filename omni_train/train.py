@@ -8,7 +8,6 @@ train, which data, which objective), never in a copy of this loop.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -58,9 +57,9 @@ def _quiet(rank: int) -> None:
 
 def run(cfg: Config) -> dict:
     """Train one stage as configured; every rank calls it. Returns the stage summary (on every rank)."""
-    from omni_train.data import build_loader
     from omni_train.engine import deepspeed_config, freeze, init_distributed, initialize
     from omni_train.export import export_pretrained
+    from omni_train.loader import build_rank_loader
     from omni_train.metrics import Metrics
     from omni_train.model import build_thinker, param_counts
     from omni_train.objectives import ThinkerLM, label_tokens
@@ -80,10 +79,8 @@ def run(cfg: Config) -> dict:
     torch.distributed.barrier()
 
     tokenizer = load_tokenizer(cfg.model.path)
-    loader, rejects = build_loader(cfg.data, tokenizer, t.micro_batch_size, rank, world, t.seed)
-    if rank == 0 and rejects:
-        (run_dir / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
-        print(f"omni-train: set aside {len(rejects)} samples (reasons in {run_dir / 'rejects.jsonl'})", file=sys.stderr)
+    loader = build_rank_loader(cfg.data, tokenizer, rank, world, t.seed, rows=t.micro_batch_size)
+    source_names = [s.name for s in cfg.data.sources]
 
     ds_config = deepspeed_config(cfg, world)
     thinker = build_thinker(cfg.model, ds_config)
@@ -106,22 +103,31 @@ def run(cfg: Config) -> dict:
 
     losses: dict[int, float] = {}
     last_ckpt = resume_from
+    real_total = capacity_total = 0.0
+    mixture = dict.fromkeys(source_names, 0.0)
+    batches = iter(loader)
     engine.train()
     for step in range(start_step + 1, t.max_steps + 1):
         started = time.perf_counter()
-        micro = [loader.next_batch()[0] for _ in range(t.grad_accum)]
+        micro = [next(batches) for _ in range(t.grad_accum)]
+        # One all-reduce per step: label tokens, real tokens, row capacity, corrupt samples, samples per source.
         counts_local = torch.tensor(
-            [sum(label_tokens(b["labels"]) for b in micro), sum(int(b["attention_mask"].sum()) for b in micro)],
+            [sum(label_tokens(mb.batch["labels"]) for mb in micro), sum(mb.real_tokens for mb in micro),
+             sum(mb.capacity for mb in micro), sum(micro[-1].state.skipped.values())]
+            + [sum(mb.sources.get(name, 0) for mb in micro) for name in source_names],
             dtype=torch.float64,
         )
         torch.distributed.all_reduce(counts_local)
-        step_labels, step_tokens = counts_local.tolist()
+        step_labels, step_tokens, step_capacity, skipped = counts_local[:4].tolist()
+        real_total, capacity_total = real_total + step_tokens, capacity_total + step_capacity
+        for name, n in zip(source_names, counts_local[4:].tolist()):
+            mixture[name] += n
         # DeepSpeed divides by grad_accum and averages over ranks; this factor turns that into sum / step_labels.
         scale = world * t.grad_accum / max(step_labels, 1.0)
         lr = scheduler.get_last_lr()[0]
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for batch in micro:
-            micro_loss = engine(**batch)
+        for mb in micro:
+            micro_loss = engine(**mb.batch)
             engine.backward(micro_loss * scale)
             engine.step()
             loss_sum += micro_loss.detach().double()
@@ -133,7 +139,9 @@ def run(cfg: Config) -> dict:
         metrics.log({
             "step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "label_tokens": int(step_labels), "tokens": int(step_tokens), "tokens_per_s": step_tokens / elapsed,
-            "step_time_s": elapsed, "epoch": loader.epoch,
+            "step_time_s": elapsed, "packing_efficiency": step_tokens / step_capacity,
+            "corrupt_samples": int(skipped), "epoch": max(e for mb in micro for e in mb.epochs),
+            **{f"mixture/{name}": n / max(1.0, sum(mixture.values())) for name, n in mixture.items()},
         })
         if step % t.save_every == 0 or step == t.max_steps:
             last_ckpt = checkpoint.save(engine, cfg.run_dir, step, loader.state_dict(), t.keep_last)
@@ -150,7 +158,8 @@ def run(cfg: Config) -> dict:
         "total_params": counts["total"],
         "world_size": world,
         "local_params_per_rank": local_params,
-        "rejected_samples": len(rejects),
+        "packing_efficiency": real_total / capacity_total if capacity_total else None,
+        "mixture": {name: n / max(1.0, sum(mixture.values())) for name, n in mixture.items()},
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "export": str(run_dir / "export") if t.export else None,
     }

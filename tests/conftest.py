@@ -13,10 +13,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def text_corpus(tmp_path_factory) -> Path:
+def text_shards(tmp_path_factory) -> Path:
+    """The sample text conversations prepared into shards: the spine's training data."""
+    from data_prep.build import build
+    from data_prep.config import from_overrides
     from data_prep.sample import write_text_corpus
 
-    return write_text_corpus(tmp_path_factory.mktemp("sample"))
+    corpus = write_text_corpus(tmp_path_factory.mktemp("text"))
+    out = tmp_path_factory.mktemp("text_shards")
+    build(str(corpus), str(out), from_overrides(["workers=1"]), progress=False)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +41,12 @@ def sample_shards(sample_corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     build(str(sample_corpus), str(out), from_overrides(["workers=2", "shard_bytes=2000000"]), progress=False)
     return out
+
+
+def data_args(shards: Path, workers: int = 0) -> list[str]:
+    """Overrides that train on one shard directory, decoding in the training process unless told otherwise."""
+    return [f"data.sources=[{{name:data,path:{shards}}}]", "data.max_len=256", "data.chunk_samples=32",
+            f"data.workers={workers}"]
 
 
 def launch_cmd(*overrides: str) -> list[str]:

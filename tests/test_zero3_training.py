@@ -14,13 +14,13 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import REPO, launch_cmd, run_launch
+from tests.conftest import REPO, data_args, launch_cmd, run_launch
 
 STEPS = 30
 
 
-def _args(run_dir: Path, corpus: Path, *extra: str) -> list[str]:
-    return [f"run_dir={run_dir}", f"data.train={corpus}", f"trainer.max_steps={STEPS}", "trainer.save_every=10",
+def _args(run_dir: Path, shards: Path, *extra: str) -> list[str]:
+    return [f"run_dir={run_dir}", *data_args(shards), f"trainer.max_steps={STEPS}", "trainer.save_every=10",
             "trainer.keep_last=3", "trainer.lr=3e-3", *extra]
 
 
@@ -32,9 +32,9 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def reference(text_corpus, tmp_path_factory) -> Path:
+def reference(text_shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    result = run_launch(*_args(run_dir, text_corpus))
+    result = run_launch(*_args(run_dir, text_shards))
     assert result.returncode == 0, result.stderr[-4000:]
     return run_dir
 
@@ -79,9 +79,9 @@ def test_export_loads_with_from_pretrained_and_equals_the_trained_weights(refere
     assert generated.shape == (1, ids.shape[1] + 4)
 
 
-def test_killed_run_resumes_with_the_same_losses(reference, text_corpus, tmp_path):
+def test_killed_run_resumes_with_the_same_losses(reference, text_shards, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(launch_cmd(*_args(run_dir, text_corpus)), cwd=REPO, start_new_session=True,
+    proc = subprocess.Popen(launch_cmd(*_args(run_dir, text_shards)), cwd=REPO, start_new_session=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     marker = run_dir / "checkpoints" / "step_00000020" / "COMPLETE"
@@ -98,7 +98,7 @@ def test_killed_run_resumes_with_the_same_losses(reference, text_corpus, tmp_pat
     proc.wait()
     assert not (run_dir / "checkpoints" / f"step_{STEPS:08d}").exists(), "the run finished before it was killed"
 
-    result = run_launch(*_args(run_dir, text_corpus, "resume=auto"))
+    result = run_launch(*_args(run_dir, text_shards, "resume=auto"))
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from_step"] == 20
@@ -108,19 +108,19 @@ def test_killed_run_resumes_with_the_same_losses(reference, text_corpus, tmp_pat
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-6), step
 
 
-def test_fresh_start_in_a_run_dir_with_checkpoints_is_refused(reference, text_corpus):
-    result = run_launch(*_args(reference, text_corpus), timeout=120)
+def test_fresh_start_in_a_run_dir_with_checkpoints_is_refused(reference, text_shards):
+    result = run_launch(*_args(reference, text_shards), timeout=120)
     assert result.returncode == 2
     assert "already holds checkpoints: pass resume=auto" in result.stderr
 
 
-def test_zero3_loads_an_export_exactly_and_frozen_weights_stay_bit_identical(reference, text_corpus, tmp_path):
+def test_zero3_loads_an_export_exactly_and_frozen_weights_stay_bit_identical(reference, text_shards, tmp_path):
     """Stage handoff under ZeRO-3: start from the reference export, train only lm_head; every other weight of the
     new export equals the source export bit for bit, lm_head has moved."""
     from safetensors.torch import load_file
 
     run_dir = tmp_path / "handoff"
-    result = run_launch(f"run_dir={run_dir}", f"data.train={text_corpus}", f"model.path={reference / 'export'}",
+    result = run_launch(f"run_dir={run_dir}", *data_args(text_shards), f"model.path={reference / 'export'}",
                         "trainer.max_steps=3", "trainer.warmup_steps=0", "stage.trainable=[thinker.lm_head.*]")
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
