@@ -90,6 +90,9 @@ class DataConfig:
     workers: int = 2
     # Corrupt samples in a row before the run stops.
     max_bad_samples: int = 100
+    # False: each epoch a permutation of the shards (every sample once per epoch per slot); True: shards drawn
+    # with replacement (resampled, for mixtures whose sources should not run in lockstep with their sizes).
+    resample: bool = False
 
 
 @dataclass

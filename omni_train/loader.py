@@ -7,8 +7,9 @@ Mental model (one line per class):
                   a seeded shard order, dealt round-robin to the slots (by sample when there are fewer shards
                   than slots); a position is (epoch, shard, sample offset).
 - `SlotStream`   compose: samples drawn from the sources by weight (a counter-based RNG, so a draw is a pure
-                  function of its index), cut into chunks of `chunk_samples`, each chunk shuffled (seeded) and
-                  best-fit packed into rows of `max_len`; rows grouped into micro-batches.
+                  function of its index), cut into windows of `chunk_samples`, each shuffled (seeded) and
+                  best-fit packed by token count into rows of `max_len`; rows grouped into micro-batches, whose
+                  media are decoded only then (a window holds compressed bytes, so it can span many rows).
 - `LoaderState`  the resume point of a slot: where its current chunk started (per-source positions, draws made)
                   and how many micro-batches of that chunk were delivered. Restoring re-reads one chunk, never
                   the epoch before it.
@@ -90,6 +91,12 @@ def _read_shard(url: str):
     yield from stream
 
 
+class _SetAside(Exception):
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+
+
 @dataclass
 class Position:
     epoch: int = 0
@@ -100,13 +107,16 @@ class Position:
 class SlotReader:
     """One source's samples for slot `slot` of `slots`, forever, from a `Position`."""
 
-    def __init__(self, shards: ShardSet, slot: int, slots: int, seed: int, position: Position):
-        self.shards, self.slot, self.slots, self.seed = shards, slot, slots, seed
+    def __init__(self, shards: ShardSet, slot: int, slots: int, seed: int, position: Position, resample: bool = False):
+        self.shards, self.slot, self.slots, self.seed, self.resample = shards, slot, slots, seed, resample
         self.position = Position(**vars(position))
 
     def _plan(self, epoch: int) -> tuple[list[str], bool]:
-        """(this slot's shards in order, whether samples are split by index instead of by shard)."""
-        order = np.random.default_rng([self.seed, epoch, 7]).permutation(len(self.shards.urls))
+        """(this slot's shards in order, whether samples are split by index instead of by shard). In resampled
+        mode an "epoch" is a draw of as many shards, with replacement."""
+        rng = np.random.default_rng([self.seed, epoch, 7])
+        n = len(self.shards.urls)
+        order = rng.integers(0, n, n) if self.resample else rng.permutation(n)
         urls = [self.shards.urls[i] for i in order]
         if len(urls) >= self.slots:
             return urls[self.slot :: self.slots], False
@@ -159,10 +169,11 @@ class SlotStream:
     """Mixed, chunk-shuffled, packed micro-batches of one slot."""
 
     def __init__(self, sources: list[ShardSet], slot: int, slots: int, seed: int, max_len: int, rows: int,
-                 chunk_samples: int, pad_id: int, state: LoaderState | None = None, max_bad_samples: int = 100):
+                 chunk_samples: int, pad_id: int, state: LoaderState | None = None, max_bad_samples: int = 100,
+                 resample: bool = False):
         self.sources, self.slot, self.slots, self.seed = sources, slot, slots, seed
         self.max_len, self.rows, self.chunk_samples, self.pad_id = max_len, rows, chunk_samples, pad_id
-        self.max_bad_samples = max_bad_samples
+        self.max_bad_samples, self.resample = max_bad_samples, resample
         self.state = state or LoaderState({s.name: vars(Position()) for s in sources})
         weights = np.array([s.weight for s in sources], dtype=np.float64)
         if (weights <= 0).any():
@@ -173,8 +184,17 @@ class SlotStream:
         u = np.random.default_rng([self.seed, self.slot, draw, 11]).random()
         return min(int(np.searchsorted(self.cumulative, u, side="right")), len(self.sources) - 1)
 
+    def _set_aside(self, skipped: dict[str, int], source: str, error: Exception, in_a_row: int) -> None:
+        reason = f"{source}: {error.kind if isinstance(error, _SetAside) else 'undecodable sample'}"
+        skipped[reason] = skipped.get(reason, 0) + 1
+        if in_a_row > self.max_bad_samples:
+            raise ConfigError(f"{in_a_row} corrupt samples in a row in source {source} (last: {error}); "
+                              "check its shards") from None
+
     def _chunk(self, readers, state: LoaderState, skipped: dict[str, int]):
-        """Draw, decode and pack one chunk; returns its rows (lists of (sample, source, epoch))."""
+        """Draw one window of samples and pack it by token count. Only json and npy are decoded here (cheap), so a
+        window can span many rows; media are decoded when a micro-batch is built. Returns rows of
+        (raw sample, source, epoch, length) and the draw counter after the window."""
         items, bad_in_a_row, draws = [], 0, state.draws
         while len(items) < self.chunk_samples:
             k = self._source_of(draws)
@@ -183,50 +203,60 @@ class SlotStream:
             epoch, raw, error = next(readers[k])
             try:
                 if error is not None:
-                    raise ValueError(error)
-                sample = decode_sample(decode_safe(raw))
-                if len(sample) > self.max_len:
-                    raise ValueError(f"{len(sample)} tokens > max_len={self.max_len}")
+                    raise _SetAside(error.split(" (")[0], error)
+                raw = decode_safe(raw)
+                length = len(raw["input_ids.npy"])
+                if length > self.max_len:
+                    raise _SetAside("longer than max_len", f"{length} tokens > max_len={self.max_len}")
             except Exception as e:  # noqa: BLE001 - any defect of one sample sets only that sample aside
-                reason = f"{source}: {str(e).split(' (')[0] if error else type(e).__name__}"
-                skipped[reason] = skipped.get(reason, 0) + 1
                 bad_in_a_row += 1
-                if bad_in_a_row > self.max_bad_samples:
-                    raise ConfigError(f"{bad_in_a_row} corrupt samples in a row in source {source} "
-                                      f"(last: {e}); check its shards") from None
+                self._set_aside(skipped, source, e, bad_in_a_row)
                 continue
             bad_in_a_row = 0
-            items.append((sample, source, epoch))
+            items.append((raw, source, epoch, length))
         order = np.random.default_rng([self.seed, self.slot, state.chunk, 13]).permutation(len(items))
         items = [items[i] for i in order]
-        bins = best_fit([len(s) for s, _, _ in items], self.max_len)
+        bins = best_fit([n for *_, n in items], self.max_len)
         return [[items[i] for i in b] for b in bins], draws
+
+    def _decode_rows(self, rows, skipped: dict[str, int]):
+        """Decode the media of a micro-batch's rows; a sample whose media fail is dropped from its row."""
+        decoded, kept = [], []
+        for row in rows:
+            decoded.append([])
+            for raw, source, epoch, _ in row:
+                try:
+                    decoded[-1].append(decode_sample(raw))
+                    kept.append((source, epoch))
+                except Exception as e:  # noqa: BLE001 - a bad media file costs its sample only
+                    self._set_aside(skipped, source, e, 1)
+        return decoded, kept
 
     def __iter__(self):
         state = self.state
-        readers = [SlotReader(s, self.slot, self.slots, self.seed, Position(**state.positions[s.name]))
+        readers = [SlotReader(s, self.slot, self.slots, self.seed, Position(**state.positions[s.name]), self.resample)
                    for s in self.sources]
         streams = [iter(r) for r in readers]
         skipped = dict(state.skipped)
         while True:
             rows, draws = self._chunk(streams, state, skipped)
-            following = LoaderState({s.name: vars(Position(**vars(r.position))) for s, r in zip(self.sources, readers)},
-                                    draws, state.chunk + 1, 0, dict(skipped))
+            positions = {s.name: vars(Position(**vars(r.position))) for s, r in zip(self.sources, readers)}
             groups = [rows[i : i + self.rows] for i in range(0, len(rows), self.rows)]
             for g in range(state.delivered, len(groups)):
-                flat = [item for row in groups[g] for item in row]
-                after = following if g + 1 == len(groups) else LoaderState(
-                    state.positions, state.draws, state.chunk, g + 1, dict(skipped))
+                decoded, kept = self._decode_rows(groups[g], skipped)
+                last = g + 1 == len(groups)
+                after = (LoaderState(positions, draws, state.chunk + 1, 0, dict(skipped)) if last else
+                         LoaderState(state.positions, state.draws, state.chunk, g + 1, dict(skipped)))
                 sources: dict[str, int] = {}
-                for _, name, _ in flat:
+                for name, _ in kept:
                     sources[name] = sources.get(name, 0) + 1
+                flat = [s for row in decoded for s in row]
                 yield MicroBatch(
-                    batch=collate_packed([[s for s, _, _ in row] for row in groups[g]], self.max_len, self.pad_id),
-                    ids=[s.id for s, _, _ in flat], sources=sources, epochs=[e for _, _, e in flat],
-                    real_tokens=sum(len(s) for s, _, _ in flat), capacity=len(groups[g]) * self.max_len,
-                    state=after,
+                    batch=collate_packed(decoded, self.max_len, self.pad_id),
+                    ids=[s.id for s in flat], sources=sources, epochs=[e for _, e in kept],
+                    real_tokens=sum(len(s) for s in flat), capacity=len(groups[g]) * self.max_len, state=after,
                 )
-            state = following
+            state = after
 
 
 class _Slots(torch.utils.data.IterableDataset):
@@ -255,11 +285,12 @@ class RankLoader:
         self.next_slot = 0
 
     max_bad_samples = 100
+    resample = False
 
     def stream(self, local: int) -> SlotStream:
         return SlotStream(self.sources, self.rank * self.workers + local, self.world * self.workers, self.seed,
                           self.max_len, self.rows, self.chunk_samples, self.pad_id, self.states[local],
-                          self.max_bad_samples)
+                          self.max_bad_samples, self.resample)
 
     def __iter__(self):
         dataset = _Slots(self, self.next_slot)
@@ -293,5 +324,5 @@ def build_rank_loader(cfg, tokenizer, rank: int, world: int, seed: int, rows: in
     sources = [ShardSet.open(s.name, s.path, float(s.weight), tokenizer) for s in cfg.sources]
     loader = RankLoader(sources, rank, world, cfg.workers, seed, cfg.max_len, rows, cfg.chunk_samples,
                         tokenizer.pad_token_id)
-    loader.max_bad_samples = cfg.max_bad_samples
+    loader.max_bad_samples, loader.resample = cfg.max_bad_samples, cfg.resample
     return loader

@@ -154,6 +154,11 @@ def test_corrupt_samples_are_skipped_and_counted_and_a_corrupt_run_stops(sample_
     ids = _first_epoch(stream, states)
     assert 200 < len(set(ids)) < 268 and len(ids) == len(set(ids))  # the truncated tail is lost, the rest is read
     assert states[-1].skipped.get("corpus: unreadable shard", 0) >= 1
+    # A sample longer than max_len is set aside and counted, never cut.
+    tight = SlotStream([ShardSet.open("corpus", str(sample_shards), 1.0)], 0, 1, 0, 64, 1, 32, PAD)
+    first = next(iter(tight))
+    assert first.state.skipped.get("corpus: longer than max_len", 0) > 0
+    assert all(len(row) <= 64 for row in first.batch["input_ids"])
 
     # Shards that are garbage from the start: nothing can be read, the run stops with one clear line.
     bad = tmp_path / "bad"
@@ -162,3 +167,53 @@ def test_corrupt_samples_are_skipped_and_counted_and_a_corrupt_run_stops(sample_
     with pytest.raises(ConfigError, match="corrupt samples in a row in source bad"):
         next(iter(SlotStream([ShardSet.open("bad", str(bad), 1.0)], 0, 1, 0, 2048, 1, 32, PAD,
                              max_bad_samples=5)))
+
+
+def test_sources_by_glob_brace_list_and_pipe_url(many_shards):
+    urls = sorted(str(p) for p in many_shards.glob("shard-*.tar"))
+    n = len(urls)
+    assert len(ShardSet.open("g", str(many_shards / "shard-*.tar"), 1.0).urls) == n
+    assert ShardSet.open("b", str(many_shards / "shard-{000000..000002}.tar"), 1.0).urls == urls[:3]
+    piped = ShardSet("p", [f"pipe:cat {u}" for u in urls[:2]])
+    direct = ShardSet("p", urls[:2])
+    a = next(iter(SlotStream([piped], 0, 1, 0, 1024, 1, 8, PAD)))
+    b = next(iter(SlotStream([direct], 0, 1, 0, 1024, 1, 8, PAD)))
+    _same(a, b)
+
+
+def test_resampled_mode_draws_shards_with_replacement(many_shards):
+    from omni_train.loader import Position, SlotReader
+
+    shards = ShardSet.open("corpus", str(many_shards), 1.0)
+    plans = [SlotReader(shards, 0, 1, seed=0, position=Position(), resample=True)._plan(e)[0] for e in range(5)]
+    assert any(len(set(p)) < len(p) for p in plans), "with replacement, some epoch repeats a shard"
+    exact = SlotReader(shards, 0, 1, seed=0, position=Position())._plan(0)[0]
+    assert sorted(exact) == sorted(shards.urls)
+
+
+def test_sample_with_undecodable_media_is_dropped_from_its_row_and_counted(sample_shards, tmp_path):
+    import io
+    import tarfile
+
+    src = sorted(sample_shards.glob("shard-*.tar"))[0]
+    dst = tmp_path / "shards"
+    dst.mkdir()
+    broken_key, ids_by_key = None, {}
+    with tarfile.open(src) as tin, tarfile.open(dst / src.name, "w") as tout:
+        for member in tin.getmembers():
+            data = tin.extractfile(member).read()
+            key = member.name.split(".")[0]
+            if member.name.endswith(".json"):
+                ids_by_key[key] = json.loads(data)["id"]
+            if broken_key is None and member.name.endswith(".m0.flac"):
+                broken_key, data = key, b"not audio at all"
+                member.size = len(data)
+            tout.addfile(member, io.BytesIO(data))
+    stream = SlotStream([ShardSet("c", [str(dst / src.name)])], 0, 1, 0, 2048, 1, 64, PAD)
+    states = []
+    ids = _first_epoch(stream, states)
+    broken = ids_by_key[broken_key]
+    assert broken not in ids and len(ids) == len(ids_by_key) - 1  # the others all arrive, once
+    # Counted each time it comes round (the first epoch, and the start of the next that the reader reached).
+    assert states[-1].skipped.get("c: undecodable sample", 0) >= 1 and set(states[-1].skipped) == {
+        "c: undecodable sample"}
