@@ -58,7 +58,9 @@ def ours(shards: Path, workers: int, seconds: float) -> dict:
 
 def on_the_fly(manifest: Path, seconds: float) -> dict:
     from transformers import WhisperFeatureExtractor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     from data_prep.chatml import media_parts, render
     from data_prep.media import VisionBudget, load_audio, load_image, load_video

@@ -33,7 +33,6 @@ from data_prep.config import PrepConfig
 from data_prep.layout import SAMPLE_RATE, Media, audio_tokens
 from data_prep.media import (
     MediaError,
-    VisionBudget,
     encode_flac,
     encode_jpeg,
     grid_thw,
@@ -148,8 +147,7 @@ def _npy(array: np.ndarray) -> bytes:
 
 def prepare(sid: str, record: dict, base_dir: Path, cfg: PrepConfig, tokenizer, source_name: str = "") -> Prepared:
     """One conversation -> the files of its shard sample. Raises SampleError (with the reason) for a bad one."""
-    budget = VisionBudget(cfg.image_min_pixels, cfg.image_max_pixels, cfg.video_min_pixels, cfg.video_max_pixels,
-                          cfg.video_total_pixels, cfg.fps, cfg.min_frames, cfg.max_frames)
+    budget = cfg.vision
     messages = record["messages"]
     use_audio_in_video = bool(record.get("use_audio_in_video", False))
     files: dict[str, bytes] = {}
@@ -187,7 +185,7 @@ def prepare(sid: str, record: dict, base_dir: Path, cfg: PrepConfig, tokenizer, 
                 seconds["video_audio"] += samples / SAMPLE_RATE
             media.append(Media("video", audio_samples=samples, grid_thw=grid, second_per_grid=video.second_per_grid))
             meta.append(item)
-            seconds["video"] += len(video.frames) / cfg.fps
+            seconds["video"] += len(video.frames) / budget.fps
     enc = encode(messages, tokenizer, media, use_audio_in_video)
     n = len(enc["input_ids"])
     if n > cfg.max_len:

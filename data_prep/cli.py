@@ -4,7 +4,7 @@
     omni-prep sample OUTPUT_DIR                          write the sample corpus (see data_prep/sample.py)
 
 SOURCE is a JSONL manifest, a `datasets` directory (`save_to_disk`), or a .parquet / .json file with
-`hf.*` column mappings. Overrides set fields of `data_prep.config.PrepConfig` (e.g. `workers=8 fps=1`).
+`hf.*` column mappings. Overrides set fields of `data_prep.config.PrepConfig` (e.g. `workers=8 vision.fps=1`).
 """
 
 from __future__ import annotations

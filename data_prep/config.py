@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from data_prep.media import VisionBudget
 from omni_train.config import ConfigError
 
 
@@ -29,14 +30,8 @@ class HFSource:
 
 @dataclass
 class PrepConfig:
-    fps: float = 2.0
-    min_frames: int = 4
-    max_frames: int = 768
-    image_min_pixels: int = 4 * 28 * 28
-    image_max_pixels: int = 16384 * 28 * 28
-    video_min_pixels: int = 128 * 28 * 28
-    video_max_pixels: int = 768 * 28 * 28
-    video_total_pixels: int = int(128000 * 28 * 28 * 0.9)
+    # Frame sampling and pixel budgets (`vision.fps=1`, `vision.video_max_pixels=...`); see data_prep.media.
+    vision: VisionBudget = field(default_factory=VisionBudget)
     max_audio_seconds: float = 300.0
     # A sample longer than this (after placeholder expansion) is rejected, never cut.
     max_len: int = 32768
@@ -48,11 +43,12 @@ class PrepConfig:
     hf: HFSource = field(default_factory=HFSource)
 
     def validate(self) -> None:
+        v = self.vision
         checks = [
-            (self.fps > 0, f"fps={self.fps} must be positive"),
-            (2 <= self.min_frames <= self.max_frames, f"need 2 <= min_frames={self.min_frames} <= max_frames"),
-            (0 < self.image_min_pixels <= self.image_max_pixels, "need 0 < image_min_pixels <= image_max_pixels"),
-            (0 < self.video_min_pixels <= self.video_max_pixels, "need 0 < video_min_pixels <= video_max_pixels"),
+            (v.fps > 0, f"vision.fps={v.fps} must be positive"),
+            (2 <= v.min_frames <= v.max_frames, f"need 2 <= vision.min_frames={v.min_frames} <= vision.max_frames"),
+            (0 < v.image_min_pixels <= v.image_max_pixels, "need 0 < vision.image_min_pixels <= image_max_pixels"),
+            (0 < v.video_min_pixels <= v.video_max_pixels, "need 0 < vision.video_min_pixels <= video_max_pixels"),
             (self.max_audio_seconds > 0, f"max_audio_seconds={self.max_audio_seconds} must be positive"),
             (self.max_len > 0, f"max_len={self.max_len} must be positive"),
             (self.shard_bytes >= 1024, f"shard_bytes={self.shard_bytes} must be at least 1024"),

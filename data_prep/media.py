@@ -27,8 +27,11 @@ class MediaError(SampleError):
     """A media file that cannot become part of a sample."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class VisionBudget:
+    """Qwen2.5-Omni's defaults: images 4..16384 merged tokens, video frames 128..768 merged tokens each and about
+    128000 x 0.9 in total, sampled at 2 fps (4..768 frames, an even count)."""
+
     image_min_pixels: int = 4 * 28 * 28
     image_max_pixels: int = 16384 * 28 * 28
     video_min_pixels: int = 128 * 28 * 28

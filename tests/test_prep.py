@@ -280,7 +280,7 @@ def test_too_many_rejects_stop_the_build_with_one_clear_line(tmp_path):
 
 
 def test_bad_setting_fails_with_one_clear_line(sample_corpus, tmp_path):
-    for override, message in [("fps=-1", "fps=-1.0 must be positive"), ("fpss=2", "fpss")]:
+    for override, message in [("vision.fps=-1", "vision.fps=-1.0 must be positive"), ("fpss=2", "fpss")]:
         result = subprocess.run([sys.executable, "-m", "data_prep.cli", "build", str(sample_corpus),
                                  str(tmp_path / "o"), override], cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
