@@ -42,7 +42,8 @@ def log_mel(wave: np.ndarray) -> torch.Tensor:
     padded[:n] = torch.from_numpy(np.asarray(wave, dtype=np.float32))
     stft = torch.stft(padded, N_FFT, HOP, window=torch.hann_window(N_FFT), return_complex=True)
     touching = min(stft.shape[-1], (n + N_FFT // 2 - 1) // HOP + 1)
-    power = (stft[..., :touching].abs() ** 2).contiguous()
+    spectrum = torch.view_as_real(stft[..., :touching])
+    power = spectrum.square().sum(-1)  # |z|^2 without the square root that abs() takes
     log_spec = torch.clamp(_mel_filters().T @ power, min=1e-10).log10()
     log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
     return ((log_spec + 4.0) / 4.0)[:, :valid].contiguous()
@@ -51,15 +52,16 @@ def log_mel(wave: np.ndarray) -> torch.Tensor:
 def patchify(frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """Frames (T, H, W, 3) uint8, H and W multiples of 28, T even or 1 (an image, repeated to 2 frames) ->
     (grid_t * grid_h * grid_w, 1176) float32 rows and grid_thw."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).to(torch.float32).permute(0, 3, 1, 2)  # T, C, H, W
-    if x.shape[0] == 1:
-        x = x.expand(TEMPORAL_PATCH, -1, -1, -1)
+    x = torch.from_numpy(np.require(frames, requirements=["C", "W"])).permute(0, 3, 1, 2)  # T, C, H, W uint8
     t, c, h, w = x.shape
-    if t % TEMPORAL_PATCH or h % (PATCH * MERGE) or w % (PATCH * MERGE):
+    if (t != 1 and t % TEMPORAL_PATCH) or h % (PATCH * MERGE) or w % (PATCH * MERGE):
         raise ValueError(f"frames of shape {tuple(frames.shape)}: need an even count and sides multiple of 28")
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    x = (x * (1 / 255) - mean) / std
+    # (x / 255 - mean) / std as one multiply-add, on the distinct frames only (an image is repeated afterwards).
+    scale = (1 / (255 * torch.tensor(CLIP_STD))).view(1, 3, 1, 1)
+    shift = (torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)).view(1, 3, 1, 1)
+    x = torch.addcmul(-shift, x.to(torch.float32), scale)
+    if t == 1:
+        x, t = x.expand(TEMPORAL_PATCH, -1, -1, -1), TEMPORAL_PATCH
     gt, gh, gw = t // TEMPORAL_PATCH, h // PATCH, w // PATCH
     x = x.reshape(gt, TEMPORAL_PATCH, c, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH)
     # -> (t, h-block, w-block, h-in-block, w-in-block, C, temporal, patch_h, patch_w)
