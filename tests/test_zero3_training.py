@@ -133,3 +133,22 @@ def test_zero3_loads_an_export_exactly_and_frozen_weights_stay_bit_identical(ref
             assert not torch.equal(before[name], after[name])
         else:
             assert torch.equal(before[name], after[name]), name
+
+
+def test_resume_is_exact_with_decoding_worker_processes(sample_shards, tmp_path):
+    """The multimodal stream through 2 ranks x 2 DataLoader workers: a run restarted from its step-6 checkpoint
+    continues with exactly the losses of the uninterrupted run."""
+    import shutil
+
+    args = [*data_args(sample_shards, workers=2), "data.max_len=512", "trainer.max_steps=12", "trainer.save_every=6",
+            "trainer.export=false"]
+    full = tmp_path / "full"
+    result = run_launch(f"run_dir={full}", *args)
+    assert result.returncode == 0, result.stderr[-4000:]
+    restarted = tmp_path / "restarted"
+    shutil.copytree(full, restarted)
+    shutil.rmtree(restarted / "checkpoints" / "step_00000012")
+    result = run_launch(f"run_dir={restarted}", *args, "resume=auto")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert json.loads((restarted / "summary.json").read_text())["resumed_from_step"] == 6
+    assert _losses(restarted) == _losses(full)
