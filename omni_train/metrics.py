@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 from omni_train.config import LoggingConfig
@@ -66,6 +67,15 @@ class Metrics:
             self.bar.set_postfix(
                 loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{record['lr']:.2e}"
             )
+
+    def warn(self, message: str) -> None:
+        """One line on the console (above the progress bar), rank 0 only."""
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(f"omni-train: warning: {message}", file=sys.stderr)
+        else:
+            print(f"omni-train: warning: {message}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

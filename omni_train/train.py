@@ -105,23 +105,33 @@ def run(cfg: Config) -> dict:
     last_ckpt = resume_from
     real_total = capacity_total = 0.0
     mixture = dict.fromkeys(source_names, 0.0)
+    corrupt_seen = dict.fromkeys(source_names, 0)
     batches = iter(loader)
     engine.train()
     for step in range(start_step + 1, t.max_steps + 1):
         started = time.perf_counter()
         micro = [next(batches) for _ in range(t.grad_accum)]
-        # One all-reduce per step: label tokens, real tokens, row capacity, corrupt samples, samples per source.
+        # One all-reduce per step: label tokens, real tokens, row capacity, then per source the samples delivered
+        # this step and the corrupt samples set aside so far.
+        skipped_local = micro[-1].state.skipped
         counts_local = torch.tensor(
             [sum(label_tokens(mb.batch["labels"]) for mb in micro), sum(mb.real_tokens for mb in micro),
-             sum(mb.capacity for mb in micro), sum(micro[-1].state.skipped.values())]
-            + [sum(mb.sources.get(name, 0) for mb in micro) for name in source_names],
+             sum(mb.capacity for mb in micro)]
+            + [sum(mb.sources.get(name, 0) for mb in micro) for name in source_names]
+            + [sum(n for k, n in skipped_local.items() if k.startswith(f"{name}: ")) for name in source_names],
             dtype=torch.float64,
         )
         torch.distributed.all_reduce(counts_local)
-        step_labels, step_tokens, step_capacity, skipped = counts_local[:4].tolist()
+        step_labels, step_tokens, step_capacity = counts_local[:3].tolist()
+        delivered = counts_local[3 : 3 + len(source_names)].tolist()
+        corrupt = dict(zip(source_names, map(int, counts_local[3 + len(source_names) :].tolist())))
         real_total, capacity_total = real_total + step_tokens, capacity_total + step_capacity
-        for name, n in zip(source_names, counts_local[4:].tolist()):
+        for name, n in zip(source_names, delivered):
             mixture[name] += n
+        if rank == 0 and sum(corrupt.values()) > sum(corrupt_seen.values()):
+            metrics.warn(f"corrupt samples set aside so far, by source: {corrupt} (reasons by rank in the "
+                         "checkpoint's loader state)")
+        corrupt_seen = corrupt
         # DeepSpeed divides by grad_accum and averages over ranks; this factor turns that into sum / step_labels.
         scale = world * t.grad_accum / max(step_labels, 1.0)
         lr = scheduler.get_last_lr()[0]
@@ -140,7 +150,8 @@ def run(cfg: Config) -> dict:
             "step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "label_tokens": int(step_labels), "tokens": int(step_tokens), "tokens_per_s": step_tokens / elapsed,
             "step_time_s": elapsed, "packing_efficiency": step_tokens / step_capacity,
-            "corrupt_samples": int(skipped), "epoch": max(e for mb in micro for e in mb.epochs),
+            "epoch": max(e for mb in micro for e in mb.epochs),
+            **{f"corrupt/{name}": n for name, n in corrupt.items()},
             **{f"mixture/{name}": n / max(1.0, sum(mixture.values())) for name, n in mixture.items()},
         })
         if step % t.save_every == 0 or step == t.max_steps:

@@ -152,3 +152,19 @@ def test_resume_is_exact_with_decoding_worker_processes(sample_shards, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert json.loads((restarted / "summary.json").read_text())["resumed_from_step"] == 6
     assert _losses(restarted) == _losses(full)
+
+
+def test_corrupt_shard_is_counted_per_source_and_warned_about_while_training_goes_on(sample_shards, tmp_path):
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(sample_shards, shards)
+    first = sorted(shards.glob("shard-*.tar"))[0]
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 3])
+    run_dir = tmp_path / "run"
+    result = run_launch(f"run_dir={run_dir}", *data_args(shards), "data.max_len=512", "trainer.max_steps=6",
+                        "trainer.export=false")
+    assert result.returncode == 0, result.stderr[-4000:]
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["corrupt/data"] >= 1
+    assert "omni-train: warning: corrupt samples set aside so far, by source: {'data':" in result.stderr
