@@ -156,6 +156,7 @@ def run(cfg: Config) -> dict:
         })
         if step % t.save_every == 0 or step == t.max_steps:
             last_ckpt = checkpoint.save(engine, cfg.run_dir, step, loader.state_dict(), t.keep_last)
+    batches.close()  # stop the decoding workers now rather than at garbage collection
     metrics.close()
 
     if t.export:

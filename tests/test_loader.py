@@ -94,16 +94,18 @@ def test_rank_loader_with_worker_processes_resumes_exactly(many_shards):
                           pad_id=PAD)
 
     first, reference = loader(), []
-    for mb in first:
-        reference.append(mb)
+    batches = iter(first)
+    for _ in range(12):
+        reference.append(next(batches))
         if len(reference) == 7:  # an odd count: the next micro-batch comes from the second worker
             state = json.loads(json.dumps(first.state_dict()))
-        if len(reference) == 12:
-            break
-    resumed = loader()
-    resumed.load_state_dict(state)
-    for want, got in zip(reference[7:], resumed):
-        _same(want, got)
+    batches.close()  # stops the worker processes now, not at garbage collection
+    again = loader()
+    again.load_state_dict(state)
+    resumed = iter(again)
+    for want in reference[7:]:
+        _same(want, next(resumed))
+    resumed.close()
     with pytest.raises(ConfigError, match="2 ranks x 2 workers"):
         RankLoader([shards], 0, 4, 2, 5, 1024, 1, 16, PAD).load_state_dict(state)
 
