@@ -49,6 +49,7 @@ def test_loss_falls_over_30_steps(reference):
 def test_each_rank_holds_half_of_the_parameters(reference):
     summary = json.loads((reference / "summary.json").read_text())
     assert summary["world_size"] == 2
+    assert 0.5 < summary["packing_efficiency"] <= 1.0 and summary["mixture"] == {"data": 1.0}
     total = summary["total_params"]
     for local in summary["local_params_per_rank"]:
         assert abs(local - total / 2) < 0.01 * total, (local, total)
