@@ -24,6 +24,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,20 +241,18 @@ class SlotStream:
         skipped = dict(state.skipped)
         while True:
             rows, draws = self._chunk(streams, state, skipped)
-            positions = {s.name: vars(Position(**vars(r.position))) for s, r in zip(self.sources, readers)}
+            positions = {s.name: dict(vars(r.position)) for s, r in zip(self.sources, readers)}
             groups = [rows[i : i + self.rows] for i in range(0, len(rows), self.rows)]
             for g in range(state.delivered, len(groups)):
                 decoded, kept = self._decode_rows(groups[g], skipped)
                 last = g + 1 == len(groups)
                 after = (LoaderState(positions, draws, state.chunk + 1, 0, dict(skipped)) if last else
                          LoaderState(state.positions, state.draws, state.chunk, g + 1, dict(skipped)))
-                sources: dict[str, int] = {}
-                for name, _ in kept:
-                    sources[name] = sources.get(name, 0) + 1
                 flat = [s for row in decoded for s in row]
                 yield MicroBatch(
                     batch=collate_packed(decoded, self.max_len, self.pad_id),
-                    ids=[s.id for s in flat], sources=sources, epochs=[e for _, e in kept],
+                    ids=[s.id for s in flat], sources=dict(Counter(name for name, _ in kept)),
+                    epochs=[e for _, e in kept],
                     real_tokens=sum(len(s) for s in flat), capacity=len(groups[g]) * self.max_len, state=after,
                 )
             state = after
@@ -277,15 +276,13 @@ class RankLoader:
     re-dealt to workers so that the round-robin continues where it stopped."""
 
     def __init__(self, sources: list[ShardSet], rank: int, world: int, workers: int, seed: int, max_len: int,
-                 rows: int, chunk_samples: int, pad_id: int):
+                 rows: int, chunk_samples: int, pad_id: int, max_bad_samples: int = 100, resample: bool = False):
         self.sources, self.rank, self.world, self.workers = sources, rank, world, max(1, workers)
         self.use_processes = workers > 0
         self.seed, self.max_len, self.rows, self.chunk_samples, self.pad_id = seed, max_len, rows, chunk_samples, pad_id
+        self.max_bad_samples, self.resample = max_bad_samples, resample
         self.states: list[LoaderState | None] = [None] * self.workers
         self.next_slot = 0
-
-    max_bad_samples = 100
-    resample = False
 
     def stream(self, local: int) -> SlotStream:
         return SlotStream(self.sources, self.rank * self.workers + local, self.world * self.workers, self.seed,
@@ -322,7 +319,5 @@ class RankLoader:
 def build_rank_loader(cfg, tokenizer, rank: int, world: int, seed: int, rows: int) -> RankLoader:
     """The loader of one rank from the `data` config group (omni_train.config.DataConfig)."""
     sources = [ShardSet.open(s.name, s.path, float(s.weight), tokenizer) for s in cfg.sources]
-    loader = RankLoader(sources, rank, world, cfg.workers, seed, cfg.max_len, rows, cfg.chunk_samples,
-                        tokenizer.pad_token_id)
-    loader.max_bad_samples, loader.resample = cfg.max_bad_samples, cfg.resample
-    return loader
+    return RankLoader(sources, rank, world, cfg.workers, seed, cfg.max_len, rows, cfg.chunk_samples,
+                      tokenizer.pad_token_id, cfg.max_bad_samples, cfg.resample)

@@ -55,6 +55,12 @@ def _quiet(rank: int) -> None:
         warnings.filterwarnings("ignore")
 
 
+def _shares(counts: dict[str, float]) -> dict[str, float]:
+    """Each source's share of the samples delivered so far (the realised mixture)."""
+    total = max(1.0, sum(counts.values()))
+    return {name: n / total for name, n in counts.items()}
+
+
 def run(cfg: Config) -> dict:
     """Train one stage as configured; every rank calls it. Returns the stage summary (on every rank)."""
     from omni_train.engine import deepspeed_config, freeze, init_distributed, initialize
@@ -105,7 +111,7 @@ def run(cfg: Config) -> dict:
     last_ckpt = resume_from
     real_total = capacity_total = 0.0
     mixture = dict.fromkeys(source_names, 0.0)
-    corrupt_seen = dict.fromkeys(source_names, 0)
+    corrupt_reported = 0
     batches = iter(loader)
     engine.train()
     for step in range(start_step + 1, t.max_steps + 1):
@@ -128,10 +134,10 @@ def run(cfg: Config) -> dict:
         real_total, capacity_total = real_total + step_tokens, capacity_total + step_capacity
         for name, n in zip(source_names, delivered):
             mixture[name] += n
-        if rank == 0 and sum(corrupt.values()) > sum(corrupt_seen.values()):
+        if rank == 0 and sum(corrupt.values()) > corrupt_reported:
             metrics.warn(f"corrupt samples set aside so far, by source: {corrupt} (reasons by rank in the "
                          "checkpoint's loader state)")
-        corrupt_seen = corrupt
+        corrupt_reported = sum(corrupt.values())
         # DeepSpeed divides by grad_accum and averages over ranks; this factor turns that into sum / step_labels.
         scale = world * t.grad_accum / max(step_labels, 1.0)
         lr = scheduler.get_last_lr()[0]
@@ -152,7 +158,7 @@ def run(cfg: Config) -> dict:
             "step_time_s": elapsed, "packing_efficiency": step_tokens / step_capacity,
             "epoch": max(e for mb in micro for e in mb.epochs),
             **{f"corrupt/{name}": n for name, n in corrupt.items()},
-            **{f"mixture/{name}": n / max(1.0, sum(mixture.values())) for name, n in mixture.items()},
+            **{f"mixture/{name}": share for name, share in _shares(mixture).items()},
         })
         if step % t.save_every == 0 or step == t.max_steps:
             last_ckpt = checkpoint.save(engine, cfg.run_dir, step, loader.state_dict(), t.keep_last)
@@ -171,7 +177,7 @@ def run(cfg: Config) -> dict:
         "world_size": world,
         "local_params_per_rank": local_params,
         "packing_efficiency": real_total / capacity_total if capacity_total else None,
-        "mixture": {name: n / max(1.0, sum(mixture.values())) for name, n in mixture.items()},
+        "mixture": _shares(mixture),
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "export": str(run_dir / "export") if t.export else None,
     }
