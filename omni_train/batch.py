@@ -9,7 +9,8 @@ fourth, leading position row of plain per-sample text positions (0, 1, ... resta
 Qwen2.5-Omni text model reads that leading row to find sample boundaries: flash-attention's varlen path takes
 cu_seqlens from it, and SDPA gets a block-diagonal causal mask, so attention never crosses samples. The row's
 tail padding is one more "sample" of pad tokens with no labels. Media tensors are concatenated in order of
-appearance across the whole batch, matching the order of their placeholder tokens.
+appearance across the whole batch, matching the order of their placeholder tokens. `conditions` marks, per token,
+which media its sample holds (bits AUDIO_BIT, IMAGE_BIT, VIDEO_BIT; 0 for text-only), for per-modality metrics.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from data_prep.media import decode_flac
 from omni_train.features import log_mel, patchify
 
 
+AUDIO_BIT, IMAGE_BIT, VIDEO_BIT = 1, 2, 4
+CONDITIONS = {"text": 0, "audio": AUDIO_BIT, "image": IMAGE_BIT, "video": VIDEO_BIT}
+
+
 @dataclass
 class ModelSample:
     id: str
@@ -39,6 +44,13 @@ class ModelSample:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def condition(self) -> int:
+        """The media this sample is conditioned on, as CONDITIONS bits (audio-in-video sets AUDIO_BIT too)."""
+        bits = AUDIO_BIT if self.audio else 0
+        bits |= IMAGE_BIT if "image" in self.vision_kinds else 0
+        return bits | (VIDEO_BIT if "video" in self.vision_kinds else 0)
 
 
 def _jpeg(data: bytes) -> np.ndarray:
@@ -101,6 +113,7 @@ def collate_packed(rows: list[list[ModelSample]], length: int, pad_id: int) -> d
     input_ids = torch.full((b, length), pad_id, dtype=torch.long)
     labels = torch.full((b, length), IGNORE, dtype=torch.long)
     positions = torch.zeros((4, b, length), dtype=torch.long)
+    conditions = torch.zeros((b, length), dtype=torch.uint8)
     audio, vision, grids = [], [], []
     for r, row in enumerate(rows):
         start = 0
@@ -111,12 +124,13 @@ def collate_packed(rows: list[list[ModelSample]], length: int, pad_id: int) -> d
             input_ids[r, start:end], labels[r, start:end] = s.input_ids, s.labels
             positions[0, r, start:end] = torch.arange(len(s))
             positions[1:, r, start:end] = s.positions
+            conditions[r, start:end] = s.condition
             audio += s.audio
             vision += s.vision
             grids += s.grids
             start = end
         positions[:, r, start:] = torch.arange(length - start)  # the padding is a sample of its own
-    batch = {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": positions, "conditions": conditions}
     if audio:
         batch["audio_features"] = torch.cat(audio, dim=1)
         batch["audio_lengths"] = torch.tensor([a.shape[1] for a in audio], dtype=torch.long)

@@ -65,6 +65,9 @@ class TrainerConfig:
     export: bool = True
     # Minutes a collective may wait for a peer before the job stops (torch's default is 30).
     dist_timeout_min: float = 10.0
+    # Ranks that share one packed row, each holding 1/N of its tokens (Ulysses; 1 = off). It must divide the
+    # world size and data.pad_to_multiple_of, and split the attention heads (see omni_train/attention.py).
+    sequence_parallel: int = 1
 
 
 @dataclass
@@ -208,3 +211,31 @@ def validate(cfg: Config) -> None:
     _check(cfg.launcher.nproc_per_node > 0, f"launcher.nproc_per_node={cfg.launcher.nproc_per_node} must be positive")
     _check(cfg.launcher.nnodes > 0, f"launcher.nnodes={cfg.launcher.nnodes} must be positive")
     _check(len(cfg.stage.trainable) > 0, "stage.trainable is empty: list the parameter patterns that train")
+    _check_sequence_parallel(cfg, cfg.launcher.nproc_per_node * cfg.launcher.nnodes)
+
+
+def _check_sequence_parallel(cfg: Config, world: int) -> None:
+    from omni_train.attention import check_degree
+    from omni_train.model import omni_config
+
+    sp = cfg.trainer.sequence_parallel
+    if sp == 1:
+        return
+    text = omni_config(cfg.model).thinker_config.text_config
+    problem = check_degree(sp, text.num_attention_heads, text.num_key_value_heads)
+    _check(problem is None, f"trainer.sequence_parallel={sp} cannot split attention: {problem}; choose a degree that "
+           f"divides {text.num_attention_heads} query heads and divides or is a multiple of "
+           f"{text.num_key_value_heads} key/value heads")
+    _check(world % sp == 0, f"trainer.sequence_parallel={sp} must divide the number of processes ({world}): change "
+           "launcher.nproc_per_node / launcher.nnodes or the degree")
+    _check(cfg.data.pad_to_multiple_of % sp == 0,
+           f"data.pad_to_multiple_of={cfg.data.pad_to_multiple_of} must be a multiple of trainer.sequence_parallel={sp} "
+           "so every rank holds the same number of tokens")
+    _check(cfg.model.attn_implementation != "eager",
+           "model.attn_implementation=eager builds a full L x L mask, which sequence parallelism cannot shard: use sdpa "
+           "or flash_attention_2")
+
+
+def check_world(cfg: Config, world: int) -> None:
+    """Checks that need the real number of processes (known once the process group exists)."""
+    _check_sequence_parallel(cfg, world)

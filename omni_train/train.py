@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from omni_train import checkpoint
-from omni_train.config import Config, ConfigError, register, validate
+from omni_train.config import Config, ConfigError, check_world, register, validate
 from omni_train.files import write_json_atomic, write_text_atomic
 
 
@@ -63,6 +63,8 @@ def _shares(counts: dict[str, float]) -> dict[str, float]:
 
 def run(cfg: Config) -> dict:
     """Train one stage as configured; every rank calls it. Returns the stage summary (on every rank)."""
+    from omni_train.attention import SequenceParallel, use_packed_attention
+    from omni_train.batch import CONDITIONS
     from omni_train.engine import deepspeed_config, freeze, init_distributed, initialize
     from omni_train.export import export_pretrained
     from omni_train.loader import build_rank_loader
@@ -75,6 +77,11 @@ def run(cfg: Config) -> dict:
     t = cfg.trainer
     rank, world = init_distributed(t.dist_timeout_min)
     _quiet(rank)
+    check_world(cfg, world)
+    sp = SequenceParallel(t.sequence_parallel) if t.sequence_parallel > 1 else None
+    # Ranks of a sequence-parallel group read the same rows; only the group's first rank counts data statistics.
+    dp_rank, dp_world = (sp.dp_rank, sp.dp_world) if sp else (rank, world)
+    counts_data = sp is None or sp.rank == 0
     torch.manual_seed(t.seed)
     run_dir = Path(cfg.run_dir)
     resume_from = _resume_point(cfg)
@@ -85,14 +92,18 @@ def run(cfg: Config) -> dict:
     torch.distributed.barrier()
 
     tokenizer = load_tokenizer(cfg.model.path)
-    loader = build_rank_loader(cfg.data, tokenizer, rank, world, t.seed, rows=t.micro_batch_size)
+    loader = build_rank_loader(cfg.data, tokenizer, dp_rank, dp_world, t.seed, rows=t.micro_batch_size)
     source_names = [s.name for s in cfg.data.sources]
 
     ds_config = deepspeed_config(cfg, world)
     thinker = build_thinker(cfg.model, ds_config)
     if cfg.model.gradient_checkpointing:
         thinker.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = ThinkerLM(thinker)
+    if sp is not None:
+        sp.attach(thinker.model.language_model, t.micro_batch_size, cfg.model.attn_implementation)
+    elif cfg.model.attn_implementation == "sdpa":
+        use_packed_attention(thinker.model.language_model)
+    module = ThinkerLM(thinker, sp)
     freeze(module, list(cfg.stage.trainable))
     engine, _, scheduler = initialize(cfg, module, ds_config)
     counts = param_counts(module)
@@ -126,7 +137,7 @@ def run(cfg: Config) -> dict:
             + [sum(mb.sources.get(name, 0) for mb in micro) for name in source_names]
             + [sum(n for k, n in skipped_local.items() if k.startswith(f"{name}: ")) for name in source_names],
             dtype=torch.float64,
-        )
+        ) * counts_data
         torch.distributed.all_reduce(counts_local)
         step_labels, step_tokens, step_capacity = counts_local[:3].tolist()
         delivered = counts_local[3 : 3 + len(source_names)].tolist()
@@ -141,14 +152,18 @@ def run(cfg: Config) -> dict:
         # DeepSpeed divides by grad_accum and averages over ranks; this factor turns that into sum / step_labels.
         scale = world * t.grad_accum / max(step_labels, 1.0)
         lr = scheduler.get_last_lr()[0]
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        stats = torch.zeros(2, len(CONDITIONS), dtype=torch.float64)
+        loss_sum = torch.zeros(1, dtype=torch.float64)
         for mb in micro:
-            micro_loss = engine(**mb.batch)
+            micro_loss, micro_stats = engine(**mb.batch)
             engine.backward(micro_loss * scale)
             engine.step()
             loss_sum += micro_loss.detach().double()
-        torch.distributed.all_reduce(loss_sum)
-        loss = loss_sum.item() / max(step_labels, 1.0)
+            stats += micro_stats
+        reduced = torch.cat([loss_sum, stats.flatten()])
+        torch.distributed.all_reduce(reduced)
+        loss = reduced[0].item() / max(step_labels, 1.0)
+        cond_loss, cond_tokens = reduced[1:].view(2, len(CONDITIONS)).tolist()
         losses[step] = loss
         elapsed = time.perf_counter() - started
         grad_norm = engine.get_global_grad_norm()
@@ -157,6 +172,8 @@ def run(cfg: Config) -> dict:
             "label_tokens": int(step_labels), "tokens": int(step_tokens), "tokens_per_s": step_tokens / elapsed,
             "step_time_s": elapsed, "packing_efficiency": step_tokens / step_capacity,
             "epoch": max(e for mb in micro for e in mb.epochs),
+            **{f"loss/{name}": total / n for name, total, n in zip(CONDITIONS, cond_loss, cond_tokens) if n},
+            **{f"label_tokens/{name}": int(n) for name, n in zip(CONDITIONS, cond_tokens)},
             **{f"corrupt/{name}": n for name, n in corrupt.items()},
             **{f"mixture/{name}": share for name, share in _shares(mixture).items()},
         })
@@ -175,6 +192,7 @@ def run(cfg: Config) -> dict:
         "trainable_params": counts["trainable"],
         "total_params": counts["total"],
         "world_size": world,
+        "sequence_parallel": t.sequence_parallel,
         "local_params_per_rank": local_params,
         "packing_efficiency": real_total / capacity_total if capacity_total else None,
         "mixture": _shares(mixture),

@@ -1,8 +1,10 @@
-"""Packing proof on the tiny model (fp32): our media merge equals transformers' Thinker forward, and a packed
-batch gives the same loss and gradients as its samples run one at a time."""
+"""Packing proof on the tiny model (fp32): our media merge equals transformers' Thinker forward (with its own SDPA
+attention), and a packed batch through our per-sample attention core gives the same loss and gradients as its
+samples run one at a time."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from omegaconf import OmegaConf
 
+from omni_train.attention import use_packed_attention
 from omni_train.batch import best_fit, collate_packed, decode_sample
 from omni_train.config import ModelConfig
 from omni_train.model import build_thinker
@@ -24,8 +27,20 @@ KINDS = ("speech-", "image-", "video-000", "video-001", "mixed-", "text-")
 def _module() -> ThinkerLM:
     preset = OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")
     torch.manual_seed(0)
-    return ThinkerLM(build_thinker(ModelConfig(preset="tiny", hf_config=OmegaConf.to_container(preset.hf_config)),
-                                   None))
+    thinker = build_thinker(ModelConfig(preset="tiny", hf_config=OmegaConf.to_container(preset.hf_config)), None)
+    use_packed_attention(thinker.model.language_model)  # as training runs it
+    return ThinkerLM(thinker)
+
+
+@contextlib.contextmanager
+def _transformers_attention(module: ThinkerLM):
+    config = module.thinker.model.language_model.config
+    ours = config._attn_implementation
+    config._attn_implementation_internal = "sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = ours
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +77,16 @@ def _transformers_loss_sum(module: ThinkerLM, s) -> torch.Tensor:
                       video_second_per_grid=torch.tensor([1.0] * len(videos)))
     # In the corpus a video's audio rides with it exactly when the video block opens with <|audio_bos|>.
     use_audio_in_video = bool(videos) and bool(((ids[0, :-1] == 151652) & (ids[0, 1:] == 151647)).any())
-    out = module.thinker(input_ids=ids, attention_mask=torch.ones_like(ids), use_audio_in_video=use_audio_in_video,
-                         **kwargs)
+    with _transformers_attention(module):
+        out = module.thinker(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             use_audio_in_video=use_audio_in_video, **kwargs)
     targets = s.labels[None, 1:]
     keep = targets != -100
     return F.cross_entropy(out.logits[:, :-1][keep].float(), targets[keep], reduction="sum")
 
 
 def _ours(module: ThinkerLM, rows, length) -> torch.Tensor:
-    return module(**collate_packed(rows, length, pad_id=151643))
+    return module(**collate_packed(rows, length, pad_id=151643))[0]
 
 
 def test_our_media_merge_equals_transformers_thinker_forward(samples):

@@ -24,8 +24,8 @@ class TransformersForward(torch.nn.Module):
         super().__init__()
         self.thinker = thinker
 
-    def forward(self, input_ids, labels, position_ids, audio_features=None, audio_lengths=None, pixel_values=None,
-                grid_thw=None):
+    def forward(self, input_ids, labels, position_ids, conditions, audio_features=None, audio_lengths=None,
+                pixel_values=None, grid_thw=None):
         kwargs = {}
         if audio_features is not None:
             frames = int(audio_lengths.max())
@@ -40,7 +40,7 @@ class TransformersForward(torch.nn.Module):
             kwargs.update(pixel_values=pixel_values, image_grid_thw=grid_thw)
         out = self.thinker(input_ids=input_ids, position_ids=position_ids, **kwargs)
         keep = labels[:, 1:] != -100
-        return F.cross_entropy(out.logits[:, :-1][keep].float(), labels[:, 1:][keep], reduction="sum")
+        return F.cross_entropy(out.logits[:, :-1][keep].float(), labels[:, 1:][keep], reduction="sum"), None
 
 
 def main() -> None:
@@ -79,7 +79,7 @@ def main() -> None:
         else:
             row = [texts[step % len(texts)], texts[(step + 1) % len(texts)]]
         batch = collate_packed([row], length=2048, pad_id=151643)
-        loss = engine(**batch)
+        loss, _ = engine(**batch)
         engine.backward(loss / max(1, int((batch["labels"][:, 1:] != -100).sum())))
         engine.step()
         losses.append(float(loss))
