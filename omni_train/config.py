@@ -21,10 +21,26 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class ComposeConfig:
+    # Local checkpoint directories (Hugging Face layout): a Qwen2.5 LLM (Qwen2ForCausalLM), a Whisper model
+    # (WhisperModel or WhisperForConditionalGeneration; its encoder is used) and Qwen2.5-VL (its vision tower).
+    # All three or none.
+    llm: Optional[str] = None
+    audio: Optional[str] = None
+    vision: Optional[str] = None
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.llm, self.audio, self.vision))
+
+
+@dataclass
 class ModelConfig:
     preset: str = MISSING
-    # A local Hugging Face checkpoint directory; None initialises the preset randomly.
+    # A local Hugging Face checkpoint directory; None initialises the preset randomly (or composes, below).
     path: Optional[str] = None
+    # Stage-1 initialisation by composition (omni_train/keymap.py lists the key mapping); exclusive with `path`.
+    compose: ComposeConfig = field(default_factory=ComposeConfig)
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
@@ -174,6 +190,13 @@ def validate(cfg: Config) -> None:
             os.path.isfile(os.path.join(m.path, "config.json")),
             f"model.path={m.path} has no config.json: give a Hugging Face checkpoint directory",
         )
+    if m.compose.enabled:
+        _check(m.path is None, "model.path and model.compose are exclusive: start from a checkpoint or compose one")
+        for role in ("llm", "audio", "vision"):
+            where = getattr(m.compose, role)
+            _check(where is not None, f"model.compose.{role} is not set: composition needs llm, audio and vision")
+            _check(os.path.isfile(os.path.join(where, "config.json")),
+                   f"model.compose.{role}={where} is not a checkpoint directory (no config.json)")
     _check(d.pad_to_multiple_of > 0, f"data.pad_to_multiple_of={d.pad_to_multiple_of} must be positive")
     _check(
         d.max_len > 0 and d.max_len % d.pad_to_multiple_of == 0,

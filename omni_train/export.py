@@ -37,8 +37,9 @@ def _state_dict_stream(model: nn.Module):
                 yield scope + name, b.detach().to("cpu", copy=True)
 
 
-def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path | None:
-    """Write `model` (a transformers PreTrainedModel, possibly ZeRO-3 partitioned) to `out_dir`.
+def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, rename=None) -> Path | None:
+    """Write `model` (a transformers PreTrainedModel, possibly ZeRO-3 partitioned) to `out_dir`, each tensor under
+    `rename(name)` (the checkpoint layout, e.g. omni_train.keymap.hub_name for the Thinker; default: as named).
 
     Collective: every rank must call it. Returns the directory on rank 0, None elsewhere.
     """
@@ -54,6 +55,7 @@ def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer=No
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in _state_dict_stream(model):
+        name = rename(name) if rename else name
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
             save_file(shards[-1], tmp / f"part-{len(shards):05d}.safetensors", metadata={"format": "pt"})

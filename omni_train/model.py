@@ -8,7 +8,10 @@ never materialises whole on one rank); and streaming checkpoint weights into the
 Checkpoint layouts accepted by `model.path`:
 - the released Qwen2.5-Omni layout (config `model_type: qwen2_5_omni`, weights under `thinker.` / `talker.` /
   `token2wav.`), and
-- a Thinker-only export of this framework (config `model_type: qwen2_5_omni_thinker`, no prefix).
+- a Thinker-only checkpoint (config `model_type: qwen2_5_omni_thinker`): this framework's exports, or a Thinker
+  saved by transformers.
+`model.compose` instead builds the Thinker from a Qwen2.5 LLM, a Whisper encoder and a Qwen2.5-VL vision tower (the
+paper's stage-1 initialisation). The key mappings of both are written down in omni_train/keymap.py.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from omni_train import keymap
 from omni_train.config import ConfigError, ModelConfig
+from omni_train.keymap import Source
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -90,13 +95,6 @@ def thinker_parameter_names(cfg: ModelConfig) -> list[str]:
     return [f"thinker.{n}" for n, _ in model.named_parameters()]
 
 
-def thinker_prefix(path: str | None) -> str:
-    """Key prefix of the Thinker's weights inside the checkpoint at `path`."""
-    if path is None:
-        return ""
-    return "thinker." if _read_checkpoint_config(Path(path)).get("model_type") == "qwen2_5_omni" else ""
-
-
 def build_thinker(cfg: ModelConfig, ds_config: dict | None):
     """Instantiate the Thinker, partitioned under ZeRO-3 when `ds_config` enables stage 3, with weights
     from `cfg.path` when given (random init from the preset otherwise)."""
@@ -114,75 +112,73 @@ def build_thinker(cfg: ModelConfig, ds_config: dict | None):
         config, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation
     )
     if cfg.path is not None:
-        load_weights(model, Path(cfg.path), prefix=thinker_prefix(cfg.path))
+        load_weights(model, *keymap.released(Path(cfg.path)), origin=cfg.path)
+    elif cfg.compose.enabled:
+        c = cfg.compose
+        plan, unexpected = keymap.composition(Path(c.llm), Path(c.audio), Path(c.vision), config)
+        load_weights(model, plan, unexpected, origin=f"composition ({c.llm}, {c.audio}, {c.vision})",
+                     fresh=keymap.FRESH)
     model._omni_hf_ds_config = hf_ds  # keep the hook alive as long as the model
     return model
 
 
-def _safetensors_index(path: Path) -> dict[str, Path]:
-    """Checkpoint key -> file holding it (sharded or single-file safetensors)."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {k: path / f for k, f in weight_map.items()}
-    single = path / "model.safetensors"
-    if single.is_file():
-        from safetensors import safe_open
+def load_weights(model: nn.Module, plan: dict[str, Source], unexpected: list[str], origin: str,
+                 fresh: tuple[str, ...] = ()) -> None:
+    """Copy the tensors `plan` names (omni_train.keymap) into `model`, one module at a time.
 
-        with safe_open(single, framework="pt") as f:
-            return {k: single for k in f.keys()}
-    raise ConfigError(f"model.path={path} has no model.safetensors(.index.json): only safetensors checkpoints load")
-
-
-def load_weights(model: nn.Module, path: Path, prefix: str = "", strict: bool = True) -> None:
-    """Copy `prefix`-ed tensors of the safetensors checkpoint at `path` into `model`, one module at a time.
-
+    Every parameter must be in the plan unless its name starts with one of `fresh` (it keeps its initialisation);
+    keys no rule covered (`unexpected`), plan entries the model lacks and shape mismatches fail with lists.
     Under ZeRO-3 each module's parameters are gathered, rank 0 fills them from disk, and leaving the context
     re-partitions them; nothing larger than one module is ever whole on a rank.
     """
     import deepspeed
     from safetensors import safe_open
 
-    key_file = {k[len(prefix) :]: f for k, f in _safetensors_index(path).items() if k.startswith(prefix)}
-    own = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
-    missing = sorted(n for n in own if n not in key_file and not _is_non_persistent(model, n))
-    unexpected = sorted(k for k in key_file if k not in own)
-    if strict and (missing or unexpected):
-        raise ConfigError(
-            f"checkpoint {path} does not match the model: missing {missing[:20]}{'...' if len(missing) > 20 else ''}, "
-            f"unexpected {unexpected[:20]}{'...' if len(unexpected) > 20 else ''}"
-        )
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    missing = sorted(n for n in params if n not in plan and not n.startswith(fresh))
+    unexpected = sorted(unexpected + [k for k in plan if k not in params and k not in buffers])
     handles: dict[Path, Any] = {}
 
-    def tensor(name: str) -> torch.Tensor:
-        file = key_file[name]
+    def handle(file: Path):
         if file not in handles:
             handles[file] = safe_open(file, framework="pt")
-        return handles[file].get_tensor(prefix + name)
+        return handles[file]
+
+    def shape(name: str) -> tuple[int, ...]:
+        source = plan[name]
+        dims = list(handle(source.file).get_slice(source.key).get_shape())
+        dims[0] //= source.parts
+        return tuple(dims)
+
+    wrong = [f"{n}: {shape(n)} in the checkpoint, {tuple(getattr(p, 'ds_shape', p.shape))} in the model"
+             for n, p in params.items() if n in plan and shape(n) != tuple(getattr(p, "ds_shape", p.shape))]
+    if missing or unexpected or wrong:
+        raise ConfigError(f"checkpoint {origin} does not match the model: missing {_few(missing)}, unexpected "
+                          f"{_few(unexpected)}, wrong shapes {_few(wrong)}")
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+    def tensor(name: str) -> torch.Tensor:
+        source = plan[name]
+        full = handle(source.file).get_tensor(source.key)
+        return full.chunk(source.parts, dim=0)[source.part] if source.parts > 1 else full
 
     with torch.no_grad():
         for module_name, module in model.named_modules():
             scope = f"{module_name}." if module_name else ""
-            params = {scope + n: p for n, p in module.named_parameters(recurse=False)}
-            buffers = {scope + n: b for n, b in module.named_buffers(recurse=False)}
-            params = {n: p for n, p in params.items() if n in key_file}
-            buffers = {n: b for n, b in buffers.items() if n in key_file}
-            if not params and not buffers:
-                continue
-            partitioned = [p for p in params.values() if hasattr(p, "ds_id")]
+            own = {scope + n: p for n, p in module.named_parameters(recurse=False) if scope + n in plan}
+            own_buffers = {scope + n: b for n, b in module.named_buffers(recurse=False) if scope + n in plan}
+            partitioned = [p for p in own.values() if hasattr(p, "ds_id")]
             with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0, enabled=bool(partitioned)):
                 if rank == 0 or not partitioned:
-                    for name, p in params.items():
+                    for name, p in own.items():
                         p.data.copy_(tensor(name).to(p.dtype))
-            for name, b in buffers.items():
+            for name, b in own_buffers.items():
                 b.copy_(tensor(name).to(b.dtype))
 
 
-def _is_non_persistent(model: nn.Module, name: str) -> bool:
-    module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    return leaf in getattr(module, "_non_persistent_buffers_set", set())
+def _few(names: list[str], limit: int = 20) -> list[str] | str:
+    return names if len(names) <= limit else f"{names[:limit]} and {len(names) - limit} more"
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:

@@ -67,6 +67,7 @@ def run(cfg: Config) -> dict:
     from omni_train.batch import CONDITIONS
     from omni_train.engine import deepspeed_config, freeze, init_distributed, initialize
     from omni_train.export import export_pretrained
+    from omni_train.keymap import hub_name
     from omni_train.loader import build_rank_loader
     from omni_train.metrics import Metrics
     from omni_train.model import build_thinker, param_counts
@@ -183,7 +184,7 @@ def run(cfg: Config) -> dict:
     metrics.close()
 
     if t.export:
-        export_pretrained(module.thinker, run_dir / "export", tokenizer)
+        export_pretrained(module.thinker, run_dir / "export", tokenizer, rename=hub_name)
     summary = {
         "steps": t.max_steps,
         "resumed_from_step": start_step,

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from omegaconf import OmegaConf
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from omni_train.config import ConfigError, ModelConfig
@@ -19,30 +20,57 @@ def _tiny() -> ModelConfig:
     return ModelConfig(preset="tiny", hf_config=OmegaConf.to_container(preset.hf_config))
 
 
-def _released_layout(tmp_path, state: dict[str, torch.Tensor]):
-    """A checkpoint directory in the released Qwen2.5-Omni layout: full config, weights under `thinker.`."""
-    omni_config(_tiny()).save_pretrained(tmp_path)
-    tensors = {f"thinker.{k}": v.contiguous() for k, v in state.items()}
+def _released_layout(tmp_path, thinker, drop: str | None = None):
+    """A checkpoint directory in the released Qwen2.5-Omni layout, made by transformers itself: the Thinker's
+    `save_pretrained` writes the hub names (`model.*`, `audio_tower.*`, `visual.*`, `lm_head.*`), the released
+    checkpoint holds them under `thinker.` beside the Talker's and Token2Wav's."""
+    thinker.save_pretrained(tmp_path / "saved")
+    with safe_open(tmp_path / "saved" / "model.safetensors", framework="pt") as f:
+        tensors = {f"thinker.{k}": f.get_tensor(k) for k in f.keys() if k != drop}
+    assert "thinker.model.layers.0.self_attn.q_proj.weight" in tensors and "thinker.audio_tower.conv1.weight" in tensors
     tensors["talker.codec_head.weight"] = torch.zeros(2, 2)  # other components' weights are ignored
-    save_file(tensors, tmp_path / "model.safetensors")
-    return tmp_path
+    ckpt = tmp_path / "released"
+    omni_config(_tiny()).save_pretrained(ckpt)
+    save_file(tensors, ckpt / "model.safetensors")
+    return ckpt
+
+
+def _equal_weights(a, b) -> None:
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(x, y), name
 
 
 def test_released_layout_loads_every_thinker_weight_exactly(tmp_path):
     torch.manual_seed(0)
     source = build_thinker(_tiny(), ds_config=None)
-    ckpt = _released_layout(tmp_path, source.state_dict())
+    ckpt = _released_layout(tmp_path, source)
     assert json.loads((ckpt / "config.json").read_text())["model_type"] == "qwen2_5_omni"
     torch.manual_seed(1)
     loaded = build_thinker(ModelConfig(preset="tiny", path=str(ckpt), hf_config=_tiny().hf_config), ds_config=None)
-    for (name, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
+    _equal_weights(source, loaded)
+
+
+def test_our_export_is_in_the_hub_layout_and_transformers_loads_it(tmp_path):
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from omni_train.export import export_pretrained
+    from omni_train.keymap import hub_name
+
+    torch.manual_seed(0)
+    source = build_thinker(_tiny(), ds_config=None)
+    export_pretrained(source, tmp_path / "export", rename=hub_name)
+    source.save_pretrained(tmp_path / "saved")
+    with safe_open(tmp_path / "export" / "model.safetensors", framework="pt") as ours, \
+            safe_open(tmp_path / "saved" / "model.safetensors", framework="pt") as theirs:
+        assert set(theirs.keys()) <= set(ours.keys())
+    _equal_weights(source, Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(tmp_path / "export"))
+    loaded = build_thinker(ModelConfig(preset="tiny", path=str(tmp_path / "export"), hf_config=_tiny().hf_config),
+                           ds_config=None)
+    _equal_weights(source, loaded)
 
 
 def test_checkpoint_missing_weights_fails_listing_them(tmp_path):
-    state = build_thinker(_tiny(), ds_config=None).state_dict()
-    del state["lm_head.weight"]
-    ckpt = _released_layout(tmp_path, state)
+    ckpt = _released_layout(tmp_path, build_thinker(_tiny(), ds_config=None), drop="lm_head.weight")
     with pytest.raises(ConfigError, match=r"missing \['lm_head.weight'\]"):
         build_thinker(ModelConfig(preset="tiny", path=str(ckpt), hf_config=_tiny().hf_config), ds_config=None)
 

@@ -20,12 +20,13 @@ from tests.conftest import REPO
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
     from omni_train.export import export_pretrained
+    from omni_train.keymap import hub_name
     from omni_train.model import build_thinker
 
     preset = OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")
     torch.manual_seed(0)
     thinker = build_thinker(ModelConfig(preset="tiny", hf_config=OmegaConf.to_container(preset.hf_config)), None)
-    return export_pretrained(thinker, tmp_path_factory.mktemp("sp") / "model")
+    return export_pretrained(thinker, tmp_path_factory.mktemp("sp") / "model", rename=hub_name)
 
 
 def _step(model, shards, out, sp: int, control: bool = False) -> dict:
