@@ -187,8 +187,9 @@ def validate(cfg: Config) -> None:
     if m.path is not None:
         _check(os.path.isdir(m.path), f"model.path={m.path} is not a directory: give a local checkpoint directory")
         _check(
-            os.path.isfile(os.path.join(m.path, "config.json")),
-            f"model.path={m.path} has no config.json: give a Hugging Face checkpoint directory",
+            os.path.isfile(os.path.join(m.path, "config.json")) or os.path.isfile(os.path.join(m.path, "COMPLETE")),
+            f"model.path={m.path} has no config.json and is no complete training checkpoint: give a Hugging Face "
+            "checkpoint directory, an export, or RUN_DIR/checkpoints/step_N",
         )
     if m.compose.enabled:
         _check(m.path is None, "model.path and model.compose are exclusive: start from a checkpoint or compose one")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ def omni_config(cfg: ModelConfig):
     """The full `Qwen2_5OmniConfig` (Thinker, Talker, Token2Wav) for a preset or a checkpoint directory."""
     from transformers import Qwen2_5OmniConfig
 
-    raw = _read_checkpoint_config(Path(cfg.path)) if cfg.path is not None else None
+    raw = _read_checkpoint_config(Path(cfg.path)) if cfg.path is not None and not is_deepspeed_checkpoint(cfg.path) \
+        else None
     # transformers warns that the Talker config holds token ids beyond the codec vocabulary: they are Thinker ids
     # (tts_text_*, vision/audio bos), by design; silence that one false alarm.
     with _transformers_log_level(logging.ERROR):
@@ -111,7 +113,9 @@ def build_thinker(cfg: ModelConfig, ds_config: dict | None):
     model = Qwen2_5OmniThinkerForConditionalGeneration._from_config(
         config, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation
     )
-    if cfg.path is not None:
+    if cfg.path is not None and is_deepspeed_checkpoint(cfg.path):
+        load_weights(model, *keymap.released(consolidate(Path(cfg.path))), origin=cfg.path)
+    elif cfg.path is not None:
         load_weights(model, *keymap.released(Path(cfg.path)), origin=cfg.path)
     elif cfg.compose.enabled:
         c = cfg.compose
@@ -120,6 +124,32 @@ def build_thinker(cfg: ModelConfig, ds_config: dict | None):
                      fresh=keymap.FRESH)
     model._omni_hf_ds_config = hf_ds  # keep the hook alive as long as the model
     return model
+
+
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    """A complete training checkpoint of this framework (omni_train.checkpoint), rather than a HF directory."""
+    from omni_train.checkpoint import MARKER
+
+    return (Path(path) / MARKER).is_file()
+
+
+def consolidate(ckpt: Path) -> Path:
+    """The full fp32 weights of a DeepSpeed checkpoint as safetensors (DeepSpeed's own zero_to_fp32), written once
+    into `ckpt/fp32` by rank 0 (temporary name, then rename) while the other ranks wait. The checkpoint is
+    unpickled: pass only checkpoints this framework wrote (the COMPLETE marker says so)."""
+    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+
+    out = ckpt / "fp32"
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0 and not out.is_dir():
+        tmp = ckpt / ".fp32.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        convert_zero_checkpoint_to_fp32_state_dict(str(ckpt.parent), str(tmp), tag=ckpt.name,
+                                                   safe_serialization=True)
+        tmp.rename(out)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return out
 
 
 def load_weights(model: nn.Module, plan: dict[str, Source], unexpected: list[str], origin: str,

@@ -115,13 +115,15 @@ def test_fresh_start_in_a_run_dir_with_checkpoints_is_refused(reference, text_sh
     assert "already holds checkpoints: pass resume=auto" in result.stderr
 
 
-def test_zero3_loads_an_export_exactly_and_frozen_weights_stay_bit_identical(reference, text_shards, tmp_path):
-    """Stage handoff under ZeRO-3: start from the reference export, train only lm_head; every other weight of the
-    new export equals the source export bit for bit, lm_head has moved."""
+@pytest.mark.parametrize("source", ["export", "checkpoints/step_00000030"])
+def test_zero3_loads_a_stage_result_exactly_and_frozen_weights_stay_bit_identical(reference, text_shards, tmp_path,
+                                                                                  source):
+    """Stage handoff under ZeRO-3: start from the reference run's export or its last DeepSpeed checkpoint, train
+    only lm_head; every other weight of the new export equals the reference export bit for bit."""
     from safetensors.torch import load_file
 
     run_dir = tmp_path / "handoff"
-    result = run_launch(f"run_dir={run_dir}", *data_args(text_shards), f"model.path={reference / 'export'}",
+    result = run_launch(f"run_dir={run_dir}", *data_args(text_shards), f"model.path={reference / source}",
                         "trainer.max_steps=3", "trainer.warmup_steps=0", "stage.trainable=[thinker.lm_head.*]")
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
