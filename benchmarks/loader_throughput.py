@@ -22,17 +22,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import sample_corpus
 
 
 def _prepare() -> tuple[Path, Path]:
-    from data_prep.build import build
-    from data_prep.config import from_overrides
-    from data_prep.sample import write_sample_corpus
-
-    root = Path(tempfile.mkdtemp(prefix="loader-bench-"))
-    manifest = write_sample_corpus(root / "corpus")
-    build(str(manifest), str(root / "shards"), from_overrides(["shard_bytes=1000000"]), progress=False)
-    return manifest, root / "shards"
+    return sample_corpus(Path(tempfile.mkdtemp(prefix="loader-bench-")), "shard_bytes=1000000")
 
 
 def ours(shards: Path, workers: int, seconds: float) -> dict:

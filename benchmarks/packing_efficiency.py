@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import sample_shards
 from omni_train.batch import best_fit
 
 
@@ -49,14 +50,7 @@ def paper_like(n: int, seed: int = 0) -> list[int]:
 
 
 def corpus_lengths(shards: Path | None) -> list[int]:
-    if shards is None:
-        from data_prep.build import build
-        from data_prep.config import from_overrides
-        from data_prep.sample import write_sample_corpus
-
-        root = Path(tempfile.mkdtemp(prefix="pack-bench-"))
-        shards = root / "shards"
-        build(str(write_sample_corpus(root / "corpus")), str(shards), from_overrides([]), progress=False)
+    shards = sample_shards(shards, Path(tempfile.mkdtemp(prefix="pack-bench-")))
     import webdataset as wds
 
     urls = [str(p) for p in sorted(shards.glob("shard-*.tar"))]

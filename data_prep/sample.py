@@ -1,7 +1,8 @@
 """The sample corpus: small, realistic, deterministic, built on the spot for the demo and the tests.
 
-Owns: `text.jsonl` (single- and multi-turn chat) and `manifest.jsonl` (everything, in Qwen2.5-Omni's message
-format, media paths relative to it) with the media under `media/`:
+Owns: `text.jsonl` (single- and multi-turn chat), `media.jsonl` (the conversations with audio, images or video:
+stage 1's audio-text and image-text data) and `manifest.jsonl` (everything), in Qwen2.5-Omni's message format with
+media paths relative to them and the media under `media/`:
 - speech: real speech from espeak-ng where it is installed (`apt-get install espeak-ng`), otherwise a synthetic
   voiced signal (harmonics under a syllable envelope); ASR items and spoken questions;
 - images: coloured shapes, with questions about shape and colour;
@@ -158,7 +159,7 @@ def _assistant(text: str) -> dict:
 
 def write_sample_corpus(out_dir: str | os.PathLike, seed: int = 0, speech: int = 48, images: int = 40,
                         videos: int = 16, texts: int = 160) -> Path:
-    """Write media and `manifest.jsonl` (and `text.jsonl`) under `out_dir`; returns the manifest's path."""
+    """Write media, `manifest.jsonl`, `media.jsonl` and `text.jsonl` under `out_dir`; returns the manifest's path."""
     out = Path(out_dir)
     media = out / "media"
     media.mkdir(parents=True, exist_ok=True)
@@ -213,6 +214,7 @@ def write_sample_corpus(out_dir: str | os.PathLike, seed: int = 0, speech: int =
             _assistant(f"It is a {shape}.")]})
 
     write_triplets(out, rng)
+    write_text_atomic(out / "media.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     text_path = write_text_corpus(out, n=texts, seed=seed)
     records.extend(json.loads(line) for line in text_path.read_text().splitlines())
     manifest = out / "manifest.jsonl"

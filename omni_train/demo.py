@@ -1,9 +1,11 @@
 """`omni-demo`: the whole pipeline that exists today, on the tiny model and the sample corpus, 2 CPU processes.
 
 Owns: the order of the demo's stages and `outputs/demo/summary.json` ({"stages": {NAME: {...}}} in the order the
-stages ran, plus a "data" entry for preparation). Each step is what a user would type (`omni-prep sample`,
-`omni-prep build`, `omni-launch ...`); the demo adds nothing the command line cannot do. Today: sample corpus ->
-shards -> Thinker SFT under ZeRO-3 on the packed multimodal stream -> export.
+stages ran, plus "data" for preparation and "init" for the composed sources). Each step is what a user would type
+(`omni-prep sample`, `omni-prep build`, `omni-launch ...`); the demo adds nothing the command line cannot do.
+Today: sample corpus -> media and text shards -> tiny stand-ins for Qwen2.5 / Whisper / Qwen2.5-VL -> stage 1 (composed Thinker,
+LLM frozen) -> stage 2 (everything) -> stage 3 (32k rows, 2 ranks sharing each row by sequence parallelism)
+-> Thinker SFT, each stage starting from the previous stage's export, all under ZeRO-3.
 """
 
 from __future__ import annotations
@@ -13,12 +15,22 @@ import shutil
 import sys
 from pathlib import Path
 
-from launch.cli import launch
+from launch.cli import compose, launch
 from omni_train.files import write_json_atomic
+from omni_train.tiny_sources import write_tiny_sources
 
+# conf/data/sample.yaml names both sources (weight 1 each); stages 1 and 2 choose their own mixture.
+MEDIA = "{name:media,path:outputs/demo/shards/media,weight:%s}"
+TEXT = "{name:text,path:outputs/demo/shards/text,weight:%s}"
 STAGES = [
-    # (stage preset, overrides of its own)
-    ("sft", ["trainer.max_steps=30", "trainer.lr=3e-3", "trainer.save_every=10"]),
+    # (stage preset, overrides of its own); each stage after the first starts from the previous stage's export.
+    # Stage 1 sees audio-text and image-text data only, as in the paper; later stages mix in text.
+    ("stage1_align", ["trainer.max_steps=20", "trainer.lr=1e-2", "data.max_len=2048", f"data.sources=[{MEDIA % 1}]"]),
+    ("stage2_multimodal", ["trainer.max_steps=20", "trainer.lr=3e-3", "data.max_len=2048",
+                           f"data.sources=[{MEDIA % 2},{TEXT % 1}]"]),
+    ("stage3_long", ["trainer.max_steps=6", "trainer.lr=1e-3", "trainer.warmup_steps=1", "trainer.micro_batch_size=1",
+                     "trainer.sequence_parallel=2", "data.chunk_samples=256"]),
+    ("sft", ["trainer.max_steps=30", "trainer.lr=3e-3"]),
 ]
 
 
@@ -30,19 +42,26 @@ def main(argv: list[str] | None = None) -> None:
     out = Path("outputs/demo")
     shutil.rmtree(out, ignore_errors=True)  # the demo always starts from nothing
     manifest = write_sample_corpus(out / "sample")
-    print(f"omni-demo: data: omni-prep build {manifest} {out / 'shards'}", flush=True)
-    index = build(str(manifest), str(out / "shards"), from_overrides([]))
-    summary: dict = {"data": {"manifest": str(manifest), "shards": str(out / "shards"),
-                              "num_shards": len(index["shards"]), **index["totals"]}, "stages": {}}
+    summary: dict = {"data": {}, "stages": {}}
+    for name in ("media", "text"):
+        source, shards = manifest.with_name(f"{name}.jsonl"), out / "shards" / name
+        print(f"omni-demo: data: omni-prep build {source} {shards}", flush=True)
+        index = build(str(source), str(shards), from_overrides([]))
+        summary["data"][name] = {"manifest": str(source), "shards": str(shards), "num_shards": len(index["shards"]),
+                                 **index["totals"]}
+    sources = write_tiny_sources(out / "init", compose(argv or sys.argv[1:]).model)
+    summary["init"] = sources
+    start = [f"model.compose.{role}={path}" for role, path in sources.items()]
     for stage, overrides in STAGES:
         run_dir = out / stage
-        args = [f"stage={stage}", f"run_dir={run_dir}", f"data.sources=[{{name:sample,path:{out / 'shards'}}}]", *overrides,
+        args = [f"stage={stage}", f"run_dir={run_dir}", "trainer.save_every=10", *start, *overrides,
                 *(argv or sys.argv[1:])]
         print(f"omni-demo: stage {stage}: omni-launch {' '.join(args)}", flush=True)
         code = launch(args)
         if code != 0:
             sys.exit(f"omni-demo: stage {stage} failed with exit code {code}; its logs are in {run_dir}")
         summary["stages"][stage] = json.loads((run_dir / "summary.json").read_text())
+        start = [f"model.path={run_dir / 'export'}"]
     write_json_atomic(out / "summary.json", summary)
     print(json.dumps(summary, indent=2))
     print(f"omni-demo: done; summary in {out / 'summary.json'}")

@@ -68,14 +68,17 @@ class Metrics:
                 loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{record['lr']:.2e}"
             )
 
-    def warn(self, message: str) -> None:
+    def info(self, message: str) -> None:
         """One line on the console (above the progress bar), rank 0 only."""
         if not self.active:
             return
         if self.bar is not None:
-            self.bar.write(f"omni-train: warning: {message}", file=sys.stderr)
+            self.bar.write(f"omni-train: {message}", file=sys.stderr)
         else:
-            print(f"omni-train: warning: {message}", file=sys.stderr, flush=True)
+            print(f"omni-train: {message}", file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        self.info(f"warning: {message}")
 
     def close(self) -> None:
         if self.bar is not None:

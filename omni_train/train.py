@@ -55,6 +55,15 @@ def _quiet(rank: int) -> None:
         warnings.filterwarnings("ignore")
 
 
+def peak_memory_gb() -> float:
+    """This process's peak memory so far: CUDA's max allocated on GPU, max resident set size on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 def _shares(counts: dict[str, float]) -> dict[str, float]:
     """Each source's share of the samples delivered so far (the realised mixture)."""
     total = max(1.0, sum(counts.values()))
@@ -118,6 +127,8 @@ def run(cfg: Config) -> dict:
         loader.load_state_dict(state["loader"])
     metrics = Metrics(cfg.logging, cfg.run_dir, rank, t.max_steps, start_step,
                       plain_config if rank == 0 else {})
+    metrics.info(f"stage {cfg.stage.name}: {counts['trainable']:,} of {counts['total']:,} parameters train; "
+                 f"{world} ranks, sequence parallel {t.sequence_parallel}, rows of {cfg.data.max_len} tokens")
 
     losses: dict[int, float] = {}
     last_ckpt = resume_from
@@ -166,12 +177,14 @@ def run(cfg: Config) -> dict:
         loss = reduced[0].item() / max(step_labels, 1.0)
         cond_loss, cond_tokens = reduced[1:].view(2, len(CONDITIONS)).tolist()
         losses[step] = loss
+        peak = torch.tensor([peak_memory_gb()])
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
         elapsed = time.perf_counter() - started
         grad_norm = engine.get_global_grad_norm()
         metrics.log({
             "step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "label_tokens": int(step_labels), "tokens": int(step_tokens), "tokens_per_s": step_tokens / elapsed,
-            "step_time_s": elapsed, "packing_efficiency": step_tokens / step_capacity,
+            "step_time_s": elapsed, "packing_efficiency": step_tokens / step_capacity, "peak_mem_gb": peak.item(),
             "epoch": max(e for mb in micro for e in mb.epochs),
             **{f"loss/{name}": total / n for name, total, n in zip(CONDITIONS, cond_loss, cond_tokens) if n},
             **{f"label_tokens/{name}": int(n) for name, n in zip(CONDITIONS, cond_tokens)},

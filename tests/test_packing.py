@@ -133,3 +133,21 @@ def test_best_fit_packs_tightly_and_never_splits_a_sample():
     assert len(bins) == 4  # 3324 tokens need at least 4 rows of 1024
     with pytest.raises(ValueError, match="longer than the capacity"):
         best_fit([2000], 1024)
+
+
+def test_per_condition_stats_attribute_each_samples_loss_to_the_media_it_holds(samples):
+    from omni_train.batch import AUDIO_BIT, CONDITIONS, IMAGE_BIT, VIDEO_BIT
+
+    # speech, image, video with its audio, video without, image + speech, text (KINDS order)
+    assert [s.condition for s in samples] == [AUDIO_BIT, IMAGE_BIT, AUDIO_BIT | VIDEO_BIT, VIDEO_BIT,
+                                              IMAGE_BIT | AUDIO_BIT, 0]
+    module = _module()
+    with torch.no_grad():
+        alone = [float(_ours(module, [[s]], -(-len(s) // 8) * 8)) for s in samples]
+        _, stats = module(**collate_packed([samples], -(-sum(len(s) for s in samples) // 8) * 8, pad_id=151643))
+    labels = [int((s.labels[1:] != -100).sum()) for s in samples]
+    for i, bit in enumerate(CONDITIONS.values()):
+        members = [k for k, s in enumerate(samples) if (s.condition == 0 if bit == 0 else s.condition & bit)]
+        assert members
+        assert stats[1, i] == sum(labels[k] for k in members)
+        assert float(stats[0, i]) == pytest.approx(sum(alone[k] for k in members), rel=1e-5)
