@@ -1,13 +1,14 @@
 """Peak memory per rank of a long packed row: sequence parallelism 2 against 1, activation checkpointing on and off.
 
-    .venv/bin/python benchmarks/sp_memory.py [--len 8192] [--steps 3] [--shards DIR]
+    .venv/bin/python benchmarks/sp_memory.py [--len 16384] [--steps 3] [--shards DIR]
 
-Every configuration is a real 2-process ZeRO-3 training run (`omni-launch`, tiny model, the sample corpus packed
-into rows of --len tokens, one row per micro-batch): with SP=1 each rank trains on its own row, with SP=2 the two
-ranks share one row, each holding half of its tokens. Both shard the parameters over the same 2 ranks, so the
-difference is the activations (and the labelled positions' logits) of half a row. Reported: the largest peak
-memory over ranks and steps (`peak_mem_gb` in metrics.jsonl: max RSS on CPU, max CUDA allocation on GPU) and the
-ratios. Goal (issue 5): SP=2 at most 0.6x of SP=1.
+One fixed row of --len tokens (the sample corpus's conversations, every kind, packed in order until the row is
+full), trained for --steps steps by 2 processes under ZeRO-3 (tiny model, AdamW) in each configuration: with SP=1
+both ranks train on the whole row, with SP=2 they share it, each holding half of its tokens. Parameters are
+sharded over the same 2 ranks either way, so the difference is what one rank computes on: its tokens'
+activations and its labelled positions' logits (the encoders run on the whole row's media in both). Reported per
+configuration: the largest peak over ranks (max RSS on CPU, max CUDA allocation on GPU) and the step's own share
+(peak minus the memory held before the first step). Goal (issue 5): SP=2 at most 0.6x of SP=1.
 """
 
 from __future__ import annotations
@@ -20,44 +21,106 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import sample_shards
-
 REPO = Path(__file__).resolve().parents[1]
 
 
-def peak(shards: Path, length: int, steps: int, sp: int, checkpointing: bool, root: Path) -> float:
-    run_dir = root / f"sp{sp}-ckpt{int(checkpointing)}"
-    cmd = [sys.executable, "-m", "launch.cli", "logging.wandb_mode=disabled", "logging.progress_bar=false",
-           f"run_dir={run_dir}", f"data.sources=[{{name:s,path:{shards}}}]", f"data.max_len={length}",
-           f"data.chunk_samples={300}", "data.workers=0", "trainer.micro_batch_size=1", f"trainer.max_steps={steps}",
-           "trainer.warmup_steps=0", "trainer.export=false", f"trainer.save_every={10 * steps}",
-           f"trainer.sequence_parallel={sp}", f"model.gradient_checkpointing={str(checkpointing).lower()}"]
-    done = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+def fixed_row(shards: Path, length: int) -> dict:
+    import webdataset as wds
+
+    from omni_train.batch import collate_packed, decode_sample
+
+    urls = [str(p) for p in sorted(shards.glob("shard-*.tar"))]
+    samples = [decode_sample(s) for s in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda s: s).decode()]
+    row, used = [], 0
+    while True:
+        s = samples[len(row) % len(samples)]
+        if used + len(s) > length:
+            break
+        row.append(s)
+        used += len(s)
+    return collate_packed([row], length, pad_id=151643)
+
+
+def worker(args) -> None:
+    import torch
+
+    from launch.cli import compose
+    from omni_train.attention import SequenceParallel, use_packed_attention
+    from omni_train.engine import deepspeed_config, init_distributed, initialize
+    from omni_train.model import build_thinker
+    from omni_train.objectives import ThinkerLM, label_tokens
+    from omni_train.train import peak_memory_gb
+
+    cfg = compose(["trainer.micro_batch_size=1", f"trainer.sequence_parallel={args.sp}",
+                   f"model.gradient_checkpointing={str(args.checkpointing).lower()}"])
+    rank, world = init_distributed(timeout_min=5.0)
+    sp = SequenceParallel(args.sp) if args.sp > 1 else None
+    ds_config = deepspeed_config(cfg, world)
+    thinker = build_thinker(cfg.model, ds_config)
+    if args.checkpointing:
+        thinker.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if sp is not None:
+        sp.attach(thinker.model.language_model, 1, "sdpa")
+    else:
+        use_packed_attention(thinker.model.language_model)
+    engine, _, _ = initialize(cfg, ThinkerLM(thinker, sp), ds_config)
+    batch = fixed_row(Path(args.shards), args.length)
+    labels = label_tokens(batch["labels"])
+    before = peak_memory_gb()
+    for _ in range(args.steps):
+        loss, _ = engine(**batch)
+        engine.backward(loss / labels)
+        engine.step()
+    peaks = torch.tensor([peak_memory_gb(), peak_memory_gb() - before])
+    torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
+    if rank == 0:
+        Path(args.out).write_text(json.dumps({"peak_gb": peaks[0].item(), "step_gb": peaks[1].item(),
+                                              "labels": labels, "tokens": int(batch["input_ids"].numel())}))
+
+
+def measure(shards: Path, length: int, steps: int, sp: int, checkpointing: bool, root: Path) -> dict:
+    out = root / f"sp{sp}-ckpt{int(checkpointing)}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).resolve()), "--worker", "--shards", str(shards), "--len", str(length), "--steps",
+           str(steps), "--sp", str(sp), "--out", str(out), *(["--checkpointing"] if checkpointing else [])]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"sp_memory: run failed:\n{done.stderr[-3000:]}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return max(r["peak_mem_gb"] for r in records)
+    return json.loads(out.read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--len", type=int, default=8192, dest="length")
+    parser.add_argument("--len", type=int, default=16384, dest="length")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--shards", type=Path)
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--sp", type=int, default=1)
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--out")
     args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    from common import sample_shards
+
     root = Path(tempfile.mkdtemp(prefix="sp-mem-"))
     shards = sample_shards(args.shards, root)
     results = {}
     for checkpointing in (False, True):
         for sp in (1, 2):
-            results[(sp, checkpointing)] = peak(shards, args.length, args.steps, sp, checkpointing, root)
-            print(f"rows of {args.length}, SP={sp}, activation checkpointing {'on ' if checkpointing else 'off'}: "
-                  f"peak {results[(sp, checkpointing)]:.2f} GB per rank", flush=True)
-    for checkpointing in (False, True):
-        print(f"SP=2 / SP=1, checkpointing {'on ' if checkpointing else 'off'}: "
-              f"{results[(2, checkpointing)] / results[(1, checkpointing)]:.2f}x")
-    for sp in (1, 2):
-        print(f"checkpointing on / off, SP={sp}: {results[(sp, True)] / results[(sp, False)]:.2f}x")
+            r = results[(sp, checkpointing)] = measure(shards, args.length, args.steps, sp, checkpointing, root)
+            print(f"row of {r['tokens']} tokens ({r['labels']} labelled), SP={sp}, activation checkpointing "
+                  f"{'on ' if checkpointing else 'off'}: peak {r['peak_gb']:.2f} GB per rank, of which the step "
+                  f"{r['step_gb']:.2f} GB", flush=True)
+    for key in ("peak_gb", "step_gb"):
+        what = "peak" if key == "peak_gb" else "step"
+        for checkpointing in (False, True):
+            print(f"{what}: SP=2 / SP=1, checkpointing {'on ' if checkpointing else 'off'}: "
+                  f"{results[(2, checkpointing)][key] / results[(1, checkpointing)][key]:.2f}x")
+        for sp in (1, 2):
+            print(f"{what}: checkpointing on / off, SP={sp}: {results[(sp, True)][key] / results[(sp, False)][key]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ language model's config only, and its core reads document boundaries from the ga
 flash-attention's varlen path reads the same boundaries from the same positions, so on GPU the core can be
 transformers' `flash_attention_2`.
 
-The embedding (with the audio and vision encoders) runs on the whole row on every rank of the group, then each rank
-keeps its slice (ThinkerLM): TMRoPE is applied per slice before the all-to-all, from the slice's own 3-D positions.
+The encoders share the row's media out over the group and all-gather their outputs, every rank embeds the whole
+row, then keeps its slice (ThinkerLM): TMRoPE is applied per slice before the all-to-all, from the slice's own 3-D
+positions.
 ZeRO-3 treats every rank as data-parallel (ALST's sequence-data-parallel group is the world as well): each rank's
 loss covers its slice's labels, so summing gradients over ranks gives the gradient of the whole row's loss.
 """
@@ -120,6 +121,14 @@ class SequenceParallel:
 
         _register(ULYSSES, attention)
         config._attn_implementation_internal = ULYSSES
+
+    def gather_rows(self, local: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        """Every rank's `local` rows (rank r holds counts[r]), differentiably: the backward pass sums each rank's
+        gradient for a row and hands it to the row's owner."""
+        from torch.distributed.nn.functional import all_gather
+
+        padded = F.pad(local, (0, 0, 0, max(counts) - local.shape[0]))
+        return [part[:n] for part, n in zip(all_gather(padded, group=self.group), counts)]
 
     def shard(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's contiguous slice of `tensor` along the sequence dimension `dim`."""

@@ -118,7 +118,8 @@ class DataConfig:
 @dataclass
 class StageConfig:
     name: str = MISSING
-    # Glob-style patterns of parameter names that train; everything else is frozen. ["*"] trains all.
+    # Glob-style patterns of parameter names that train, or module groups (llm, audio_encoder, vision_encoder,
+    # audio_adapter, vision_adapter; omni_train/engine.py GROUPS); everything else is frozen. ["*"] trains all.
     trainable: list[str] = field(default_factory=lambda: ["*"])
 
 

@@ -29,7 +29,7 @@ STAGES = [
     ("stage2_multimodal", ["trainer.max_steps=20", "trainer.lr=3e-3", "data.max_len=2048",
                            f"data.sources=[{MEDIA % 2},{TEXT % 1}]"]),
     ("stage3_long", ["trainer.max_steps=6", "trainer.lr=1e-3", "trainer.warmup_steps=1", "trainer.micro_batch_size=1",
-                     "trainer.sequence_parallel=2", "data.chunk_samples=256"]),
+                     "trainer.sequence_parallel=2", "data.chunk_samples=1024"]),
     ("sft", ["trainer.max_steps=30", "trainer.lr=3e-3"]),
 ]
 

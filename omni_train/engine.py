@@ -85,18 +85,35 @@ def _deep_merge(into: dict, extra: dict) -> None:
             into[k] = v
 
 
+# Module groups `stage.trainable` may name instead of patterns.
+GROUPS = {
+    "llm": ["thinker.model.language_model.*", "thinker.lm_head.*"],
+    "audio_encoder": ["thinker.model.audio_tower.*"],  # with its adapter
+    "vision_encoder": ["thinker.model.visual.*"],  # with its adapter
+    "audio_adapter": ["thinker.model.audio_tower.proj.*", "thinker.model.audio_tower.ln_post.*"],
+    "vision_adapter": ["thinker.model.visual.merger.*"],
+}
+
+
+def patterns(trainable: list[str]) -> list[str]:
+    """`stage.trainable` with module groups (GROUPS) replaced by their patterns."""
+    return [p for entry in trainable for p in GROUPS.get(entry, [entry])]
+
+
 def check_patterns(names: list[str], trainable: list[str]) -> None:
     """A pattern that matches nothing is a configuration error: a typo would silently freeze the wrong thing."""
-    unmatched = [p for p in trainable if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    unmatched = [p for p in trainable if not any(fnmatch.fnmatchcase(n, q) for q in patterns([p]) for n in names)]
     if unmatched:
-        raise ConfigError(f"stage.trainable patterns match no parameter: {unmatched} (names look like {names[0]!r})")
+        raise ConfigError(f"stage.trainable entries match no parameter: {unmatched} (names look like {names[0]!r}; "
+                          f"groups: {', '.join(GROUPS)})")
 
 
 def freeze(model: nn.Module, trainable: list[str]) -> None:
-    """Train exactly the parameters whose names match one of the glob patterns."""
+    """Train exactly the parameters whose names match one of the glob patterns or module groups."""
     check_patterns([n for n, _ in model.named_parameters()], trainable)
+    globs = patterns(trainable)
     for name, p in model.named_parameters():
-        p.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in trainable))
+        p.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in globs))
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

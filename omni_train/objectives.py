@@ -34,9 +34,10 @@ class ThinkerLM(nn.Module):
     decouple them, but on its CPU accelerator ZeRO-3's `zero_grad` then fails calling `record_stream` on CPU grads.)
     The merge itself is transformers' (placeholder positions filled in order).
 
-    With sequence parallelism (`sp`, omni_train.attention.SequenceParallel) every rank of a group embeds the whole
-    row (media included), then keeps its slice of embeddings, 3-D positions and shifted targets; the language model
-    and the loss run on the slice.
+    With sequence parallelism (`sp`, omni_train.attention.SequenceParallel) the ranks of a group share the row's
+    media out between them for the encoders (see `_encode`), all-gather the encoder outputs, embed the whole row,
+    then each keeps its slice of embeddings, 3-D positions and shifted targets; the language model and the loss run
+    on the slice.
 
     forward returns (loss sum, stats): stats is a detached (2, 4) tensor, label-token loss sums and counts of this
     rank's slice per condition in CONDITIONS order (text-only samples, then samples with audio, images, video).
@@ -50,23 +51,53 @@ class ThinkerLM(nn.Module):
     def embed(self, input_ids, audio_features=None, audio_lengths=None, pixel_values=None, grid_thw=None):
         model = self.thinker.model
         embeds = model.get_input_embeddings()(input_ids)
-        tower = model.audio_tower
-        no_audio = audio_features is None
-        if no_audio:
-            audio_features = embeds.new_zeros(tower.config.num_mel_bins, DUMMY_MEL_FRAMES, dtype=torch.float32)
-            audio_lengths = torch.tensor([DUMMY_MEL_FRAMES], device=input_ids.device)
-        after_cnn, _ = tower._get_feat_extract_output_lengths(audio_lengths)
-        audio = tower(audio_features.to(tower.conv1.weight.dtype), feature_lens=audio_lengths,
-                      aftercnn_lens=after_cnn).last_hidden_state
-        embeds = _fill(embeds, input_ids == AUDIO, audio, dummy=no_audio)
-        visual = model.visual
-        no_pixels = pixel_values is None
-        if no_pixels:
-            rows = DUMMY_GRID[0] * DUMMY_GRID[1] * DUMMY_GRID[2]
-            pixel_values = embeds.new_zeros(rows, visual.patch_embed.proj.weight[0].numel(), dtype=torch.float32)
-            grid_thw = torch.tensor([DUMMY_GRID], device=input_ids.device)
-        vision = visual(pixel_values.to(visual.patch_embed.proj.weight.dtype), grid_thw=grid_thw).pooler_output
-        return _fill(embeds, (input_ids == IMAGE) | (input_ids == VIDEO), vision, dummy=no_pixels)
+        tower, visual = model.audio_tower, model.visual
+        if audio_features is None:
+            embeds = _fill(embeds, None, _dummy_audio(tower, embeds), dummy=True)
+        else:
+            clips = audio_features.split(audio_lengths.tolist(), dim=1)
+
+            def run_audio(idx: list[int]) -> torch.Tensor:
+                return _audio(tower, torch.cat([clips[i] for i in idx], dim=1), audio_lengths[idx])
+
+            tokens = tower._get_feat_extract_output_lengths(audio_lengths)[1].tolist()
+            out = self._encode(tokens, run_audio, lambda: _dummy_audio(tower, embeds))
+            embeds = _fill(embeds, input_ids == AUDIO, out, dummy=False)
+        if pixel_values is None:
+            return _fill(embeds, None, _dummy_vision(visual, embeds), dummy=True)
+        rows = grid_thw.prod(dim=1)
+        items = pixel_values.split(rows.tolist())
+
+        def run_vision(idx: list[int]) -> torch.Tensor:
+            return _vision(visual, torch.cat([items[i] for i in idx]), grid_thw[idx])
+
+        tokens = (rows // visual.spatial_merge_size**2).tolist()
+        out = self._encode(tokens, run_vision, lambda: _dummy_vision(visual, embeds))
+        return _fill(embeds, (input_ids == IMAGE) | (input_ids == VIDEO), out, dummy=False)
+
+    def _encode(self, tokens: list[int], run, dummy) -> torch.Tensor:
+        """Encoder outputs of every item (clip, image or video; `tokens` output rows each), in order.
+
+        Without sequence parallelism: one call `run(all items)`. With it, the items are shared out over the group
+        (largest first to the least loaded rank: the same plan on every rank), each rank encodes its share in one
+        call (a zero-weight `dummy()` when it has none, so every rank gathers the encoder's parameters once), and
+        the outputs are all-gathered with autograd: each item's gradient flows back to the rank that encoded it,
+        and no rank holds the activations of the whole row's media."""
+        everything = list(range(len(tokens)))
+        if self.sp is None:
+            return run(everything)
+        plan = _share(tokens, self.sp.degree)
+        mine = plan[self.sp.rank]
+        if mine:
+            local = run(mine)
+        else:
+            probe = dummy()
+            local = probe[:0] + 0.0 * probe.sum()
+        gathered = self.sp.gather_rows(local, [sum(tokens[i] for i in share) for share in plan])
+        by_item: dict[int, torch.Tensor] = {}
+        for share, part in zip(plan, gathered):
+            by_item.update(zip(share, part.split([tokens[i] for i in share])))
+        return torch.cat([by_item[i] for i in everything])
 
     def forward(self, input_ids, labels, position_ids, conditions, audio_features=None, audio_lengths=None,
                 pixel_values=None, grid_thw=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +115,39 @@ class ThinkerLM(nn.Module):
         logits = self.thinker.lm_head(hidden[keep]).float()
         token_loss = F.cross_entropy(logits, targets[keep], reduction="none")
         return token_loss.sum(), condition_stats(token_loss.detach(), conditions[keep])
+
+
+def _audio(tower, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    after_cnn, _ = tower._get_feat_extract_output_lengths(lengths)
+    return tower(features.to(tower.conv1.weight.dtype), feature_lens=lengths, aftercnn_lens=after_cnn).last_hidden_state
+
+
+def _vision(visual, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    return visual(pixels.to(visual.patch_embed.proj.weight.dtype), grid_thw=grid_thw).pooler_output
+
+
+def _dummy_audio(tower, like: torch.Tensor) -> torch.Tensor:
+    """The audio encoder on a 1-s silent clip: for ranks or micro-batches without audio."""
+    features = like.new_zeros(tower.config.num_mel_bins, DUMMY_MEL_FRAMES, dtype=torch.float32)
+    return _audio(tower, features, torch.tensor([DUMMY_MEL_FRAMES], device=like.device))
+
+
+def _dummy_vision(visual, like: torch.Tensor) -> torch.Tensor:
+    """The vision encoder on one black 28 x 28 image: for ranks or micro-batches without pixels."""
+    c = visual.config
+    pixels = like.new_zeros(DUMMY_GRID[0] * DUMMY_GRID[1] * DUMMY_GRID[2],
+                            c.in_channels * c.temporal_patch_size * c.patch_size**2, dtype=torch.float32)
+    return _vision(visual, pixels, torch.tensor([DUMMY_GRID], device=like.device))
+
+
+def _share(sizes: list[int], ranks: int) -> list[list[int]]:
+    """Item indices per rank: largest first to the least loaded rank (ties to the lower rank), each share in order."""
+    load, shares = [0] * ranks, [[] for _ in range(ranks)]
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(ranks), key=lambda r: (load[r], r))
+        shares[r].append(i)
+        load[r] += sizes[i]
+    return [sorted(share) for share in shares]
 
 
 def _fill(embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, dummy: bool) -> torch.Tensor:

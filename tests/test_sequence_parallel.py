@@ -29,10 +29,10 @@ def tiny_export(tmp_path_factory):
     return export_pretrained(thinker, tmp_path_factory.mktemp("sp") / "model", rename=hub_name)
 
 
-def _step(model, shards, out, sp: int, control: bool = False) -> dict:
+def _step(model, shards, out, sp: int, control: bool = False, kinds: str | None = None) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={sp}",
            "-m", "tests.helpers.sp_step", "--model", str(model), "--shards", str(shards), "--out", str(out),
-           "--sp", str(sp), *(["--control"] if control else [])]
+           "--sp", str(sp), *(["--control"] if control else []), *(["--kinds", kinds] if kinds else [])]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -53,6 +53,18 @@ def test_two_ranks_sharing_each_row_give_the_loss_and_gradients_of_one(whole, ti
     assert split["grads"].keys() == whole["grads"].keys()
     encoders = [n for n in whole["grads"] if ".audio_tower." in n or ".visual." in n]
     assert encoders and all(whole["grads"][n].abs().sum() > 0 for n in encoders if "proj" in n or "merger" in n)
+    for name, want in whole["grads"].items():
+        scale = float(want.abs().max())
+        torch.testing.assert_close(split["grads"][name], want, rtol=0, atol=3e-5 * scale + 1e-9, msg=name)
+
+
+def test_a_rank_without_media_to_encode_still_matches(tiny_export, sample_shards, tmp_path):
+    """One image and two texts: the image goes to one rank's vision encoder, the other rank runs the dummy; no
+    audio at all: both run the audio dummy."""
+    kinds = "image-,text-0001,text-0002"
+    whole = _step(tiny_export, sample_shards, tmp_path / "one.pt", sp=1, kinds=kinds)
+    split = _step(tiny_export, sample_shards, tmp_path / "two.pt", sp=2, kinds=kinds)
+    torch.testing.assert_close(split["loss"], whole["loss"], rtol=1e-6, atol=0)
     for name, want in whole["grads"].items():
         scale = float(want.abs().max())
         torch.testing.assert_close(split["grads"][name], want, rtol=0, atol=3e-5 * scale + 1e-9, msg=name)

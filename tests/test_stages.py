@@ -7,13 +7,14 @@ import fnmatch
 import pytest
 
 from launch.cli import compose
+from omni_train.engine import patterns
 from omni_train.model import thinker_parameter_names
 
 
 def _trainable(stage: str) -> tuple[set[str], set[str]]:
     cfg = compose([f"stage={stage}"])
     names = thinker_parameter_names(cfg.model)
-    train = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in cfg.stage.trainable)}
+    train = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns(cfg.stage.trainable))}
     return train, set(names) - train
 
 
@@ -38,3 +39,13 @@ def test_later_stages_train_everything_at_their_lengths(stage, max_len, checkpoi
     assert not frozen
     cfg = compose([f"stage={stage}"])
     assert (cfg.data.max_len, cfg.model.gradient_checkpointing) == (max_len, checkpointing)
+
+
+def test_module_groups_and_patterns_mix_and_a_typo_is_named():
+    from omni_train.config import ConfigError
+    from omni_train.engine import check_patterns
+
+    names = thinker_parameter_names(compose([]).model)
+    check_patterns(names, ["llm", "thinker.model.visual.merger.*"])
+    with pytest.raises(ConfigError, match=r"match no parameter: \['audio_encodr'\].*groups: llm, audio_encoder"):
+        check_patterns(names, ["llm", "audio_encodr"])

@@ -1,7 +1,7 @@
 """One rank of the sequence-parallel equivalence test (started by torchrun from tests/test_sequence_parallel.py).
 
-Runs one ZeRO-3 forward + backward of the Thinker on a fixed packed batch (2 rows, every kind of sample: speech,
-image, video with its audio, video, image + speech, text) with `--sp` ranks sharing each row, the loss scaled as
+Runs one ZeRO-3 forward + backward of the Thinker on a fixed packed batch (2 rows; by default every kind of
+sample: speech, image, video with its audio, video, image + speech, text) with `--sp` ranks sharing each row, the loss scaled as
 the training loop scales it. Rank 0 writes OUT: the loss per label token, the per-condition stats and every full
 gradient (gathered from the ZeRO-3 partitions). `--control` replaces the per-sample attention core with plain
 causal SDPA over the gathered row (what DeepSpeed's own transformers wrapper runs), which must change the result.
@@ -25,16 +25,16 @@ def causal_over_row(module, query, key, value, attention_mask=None, scaling=None
     return out.transpose(1, 2).contiguous(), None
 
 
-def fixed_batch(shards: str) -> dict[str, torch.Tensor]:
+def fixed_batch(shards: str, kinds: tuple[str, ...] = KINDS) -> dict[str, torch.Tensor]:
     from omni_train.batch import collate_packed, decode_sample
 
     picked = {}
     urls = [str(p) for p in sorted(Path(shards).glob("shard-*.tar"))]
     for raw in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda s: s).decode():
-        kind = next((k for k in KINDS if raw["json"]["id"].startswith(k)), None)
+        kind = next((k for k in kinds if raw["json"]["id"].startswith(k)), None)
         if kind and kind not in picked:
             picked[kind] = decode_sample(raw)
-    samples = [picked[k] for k in KINDS]
+    samples = [picked[k] for k in kinds]
     rows = [samples[0::2], samples[1::2]]
     length = -(-max(sum(len(s) for s in row) for row in rows) // 64) * 64 + 64  # a padding "sample" too
     return collate_packed(rows, length, pad_id=151643)
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--sp", type=int, default=1)
     parser.add_argument("--control", action="store_true")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated sample id prefixes")
     args = parser.parse_args()
 
     import deepspeed
@@ -69,7 +70,7 @@ def main() -> None:
     module = ThinkerLM(thinker, sp)
     engine, _, _ = initialize(cfg, module, ds_config)
 
-    batch = fixed_batch(args.shards)
+    batch = fixed_batch(args.shards, tuple(args.kinds.split(",")))
     labels = label_tokens(batch["labels"])  # the whole row's labels, counted once (as the loop does)
     loss, stats = engine(**batch)
     engine.backward(loss * world / labels)
