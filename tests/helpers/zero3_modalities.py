@@ -1,7 +1,7 @@
 """One rank of the ZeRO-3 modality test (started by torchrun from tests/test_zero3_modalities.py).
 
-Rank 0 trains on micro-batches with a changing number of audio clips, images and videos; rank 1 only ever gets
-text. With `--objective ours` the ranks run ThinkerLM (encoders once per micro-batch, dummies when absent); with
+Every step each rank holds 2, 1 or 0 audio clips and as many images (the two ranks out of phase), plus text.
+With `--objective ours` the ranks run ThinkerLM (encoders once per micro-batch, dummies when absent); with
 `--objective transformers` they call transformers' own Thinker forward, which skips an absent modality's encoder:
 the control that shows the test can fail. Writes OUT/rank{R}.json with the losses when it finishes.
 """
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--shards", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--objective", choices=["ours", "transformers"], default="ours")
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
 
     from launch.cli import compose
@@ -64,8 +64,8 @@ def main() -> None:
     # Every rank reads every shard here (the test picks per-rank samples itself).
     reader = wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda shards: shards).decode()
     samples = [decode_sample(s) for s in reader]
-    # Speech, images, image + speech (videos need use_audio_in_video, which the control's forward is not given).
-    media = [s for s in samples if (s.audio or s.vision) and "video" not in s.vision_kinds]
+    speech = [s for s in samples if s.audio and not s.vision]
+    images = [s for s in samples if s.vision_kinds == ["image"] and not s.audio]
     texts = [s for s in samples if not s.audio and not s.vision]
     ds_config = deepspeed_config(cfg, world)
     thinker = build_thinker(cfg.model, ds_config)
@@ -73,11 +73,11 @@ def main() -> None:
     engine, _, _ = initialize(cfg, module, ds_config)
     losses = []
     for step in range(args.steps):
-        if rank == 0:
-            # 1, 2 or 3 media samples per micro-batch: the clip and image counts change every step.
-            row = [media[(step * 3 + k) % len(media)] for k in range(step % 3 + 1)]
-        else:
-            row = [texts[step % len(texts)], texts[(step + 1) % len(texts)]]
+        # Each rank holds 2, 1 or 0 audio clips and as many images, out of phase with the other rank, plus text.
+        n = (2, 1, 0)[(step + rank) % 3]
+        row = [speech[(step * 2 + k) % len(speech)] for k in range(n)]
+        row += [images[(step * 2 + k) % len(images)] for k in range(n)]
+        row += [texts[(step + rank + k) % len(texts)] for k in range(2)]
         batch = collate_packed([row], length=2048, pad_id=151643)
         loss, _ = engine(**batch)
         engine.backward(loss / max(1, int((batch["labels"][:, 1:] != -100).sum())))
