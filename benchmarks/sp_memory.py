@@ -63,7 +63,7 @@ def worker(args) -> None:
         sp.attach(thinker.model.language_model, 1, "sdpa")
     else:
         use_packed_attention(thinker.model.language_model)
-    engine, _, _ = initialize(cfg, ThinkerLM(thinker, sp), ds_config)
+    engine, _, _ = initialize(cfg, ThinkerLM(thinker, sp, cfg.trainer.logits_chunk), ds_config)
     batch = fixed_row(Path(args.shards), args.length)
     labels = label_tokens(batch["labels"])
     before = peak_memory_gb()

@@ -84,6 +84,9 @@ class TrainerConfig:
     # Ranks that share one packed row, each holding 1/N of its tokens (Ulysses; 1 = off). It must divide the
     # world size and data.pad_to_multiple_of, and split the attention heads (see omni_train/attention.py).
     sequence_parallel: int = 1
+    # Labelled tokens per tile of the fused LM head + cross-entropy (omni_train/head_loss.py); 0 forms all their
+    # logits at once (the plain path). Same loss and gradients either way.
+    logits_chunk: int = 4096
 
 
 @dataclass
@@ -179,6 +182,7 @@ def validate(cfg: Config) -> None:
     _check(0 <= t.min_lr_ratio <= 1, f"trainer.min_lr_ratio={t.min_lr_ratio} must lie in [0, 1]")
     _check(0 <= t.warmup_steps < t.max_steps, f"trainer.warmup_steps={t.warmup_steps} must lie in [0, max_steps)")
     _check(t.grad_clip >= 0, f"trainer.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    _check(t.logits_chunk >= 0, f"trainer.logits_chunk={t.logits_chunk} must be >= 0 (0: no tiling)")
     _check(t.dist_timeout_min > 0, f"trainer.dist_timeout_min={t.dist_timeout_min} must be positive")
     _check(m.dtype in DTYPES, f"model.dtype={m.dtype} is not one of {sorted(DTYPES)}")
     _check(

@@ -1,8 +1,10 @@
 """Training objectives: nn.Modules that wrap transformers' models and return the loss of a micro-batch.
 
-Owns: the Thinker's next-token cross-entropy (media embedded ZeRO-3-safely, see ThinkerLM), computed only at labelled positions (the 152k-wide logits of an
-unlabelled position are never formed), returned as a *sum* so the loop can normalise by the real label-token count
-of the whole optimizer step across ranks and accumulation steps. The DeepSpeed engine wraps these modules, so
+Owns: the Thinker's next-token cross-entropy (media embedded ZeRO-3-safely, see ThinkerLM), computed only at
+labelled positions (the 152k-wide logits of an unlabelled position are never formed; with `logits_chunk` the head
+and the loss are fused and tiled, so not even the labelled positions' logits exist at once), returned as a *sum* so
+the loop can normalise by the real label-token count of the whole optimizer step across ranks and accumulation
+steps. The DeepSpeed engine wraps these modules, so
 their parameter names carry the released checkpoint's prefixes (`thinker.`, later `talker.`).
 """
 
@@ -15,6 +17,7 @@ from torch import nn
 from data_prep.chatml import IGNORE
 from data_prep.layout import AUDIO, IMAGE, VIDEO
 from omni_train.batch import CONDITIONS
+from omni_train.head_loss import HeadLoss
 
 # The smallest inputs each encoder accepts: a 1-s silent clip (100 mel frames -> 25 tokens) and one 28 x 28 image.
 DUMMY_MEL_FRAMES = 100
@@ -43,10 +46,12 @@ class ThinkerLM(nn.Module):
     rank's slice per condition in CONDITIONS order (text-only samples, then samples with audio, images, video).
     """
 
-    def __init__(self, thinker: nn.Module, sp=None):
+    def __init__(self, thinker: nn.Module, sp=None, logits_chunk: int = 0):
         super().__init__()
         self.thinker = thinker
         self.sp = sp
+        # > 0: the LM head and its cross-entropy fused, this many labelled tokens at a time (omni_train.head_loss)
+        self.head_loss = HeadLoss(thinker.lm_head, logits_chunk) if logits_chunk > 0 else None
 
     def embed(self, input_ids, audio_features=None, audio_lengths=None, pixel_values=None, grid_thw=None):
         model = self.thinker.model
@@ -111,9 +116,11 @@ class ThinkerLM(nn.Module):
             inputs_embeds=embeds, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         keep = targets != IGNORE
-        # lm_head runs once per micro-batch even when `keep` is empty, so every rank issues the same ZeRO-3 gathers.
-        logits = self.thinker.lm_head(hidden[keep]).float()
-        token_loss = F.cross_entropy(logits, targets[keep], reduction="none")
+        # The head runs once per micro-batch even when `keep` is empty, so every rank issues the same ZeRO-3 gathers.
+        if self.head_loss is not None:
+            token_loss = self.head_loss(hidden[keep], targets[keep])
+        else:
+            token_loss = F.cross_entropy(self.thinker.lm_head(hidden[keep]).float(), targets[keep], reduction="none")
         return token_loss.sum(), condition_stats(token_loss.detach(), conditions[keep])
 
 

@@ -113,7 +113,7 @@ def run(cfg: Config) -> dict:
         sp.attach(thinker.model.language_model, t.micro_batch_size, cfg.model.attn_implementation)
     elif cfg.model.attn_implementation == "sdpa":
         use_packed_attention(thinker.model.language_model)
-    module = ThinkerLM(thinker, sp)
+    module = ThinkerLM(thinker, sp, t.logits_chunk)
     freeze(module, list(cfg.stage.trainable))
     engine, _, scheduler = initialize(cfg, module, ds_config)
     counts = param_counts(module)

@@ -67,7 +67,7 @@ def main() -> None:
         sp.attach(thinker.model.language_model, 2, causal_over_row if args.control else "sdpa")
     else:
         use_packed_attention(thinker.model.language_model)
-    module = ThinkerLM(thinker, sp)
+    module = ThinkerLM(thinker, sp, cfg.trainer.logits_chunk)
     engine, _, _ = initialize(cfg, module, ds_config)
 
     batch = fixed_batch(args.shards, tuple(args.kinds.split(",")))

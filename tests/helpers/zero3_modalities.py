@@ -69,7 +69,10 @@ def main() -> None:
     texts = [s for s in samples if not s.audio and not s.vision]
     ds_config = deepspeed_config(cfg, world)
     thinker = build_thinker(cfg.model, ds_config)
-    module = ThinkerLM(thinker) if args.objective == "ours" else TransformersForward(thinker)
+    if args.objective == "ours":
+        module = ThinkerLM(thinker, logits_chunk=cfg.trainer.logits_chunk)
+    else:
+        module = TransformersForward(thinker)
     engine, _, _ = initialize(cfg, module, ds_config)
     losses = []
     for step in range(args.steps):
