@@ -81,6 +81,7 @@ def run(cfg: Config) -> dict:
     from omni_train.metrics import Metrics
     from omni_train.model import build_thinker, param_counts
     from omni_train.objectives import ThinkerLM, label_tokens
+    from omni_train.plan import warn_if_too_big
     from omni_train.tokenizer import load_tokenizer
 
     validate(cfg)
@@ -127,6 +128,7 @@ def run(cfg: Config) -> dict:
         loader.load_state_dict(state["loader"])
     metrics = Metrics(cfg.logging, cfg.run_dir, rank, t.max_steps, start_step,
                       plain_config if rank == 0 else {})
+    warn_if_too_big(cfg, metrics.warn)
     metrics.info(f"stage {cfg.stage.name}: {counts['trainable']:,} of {counts['total']:,} parameters train; "
                  f"{world} ranks, sequence parallel {t.sequence_parallel}, rows of {cfg.data.max_len} tokens")
 
@@ -237,6 +239,10 @@ def _entry(dict_cfg) -> None:
 def main() -> None:
     import hydra
 
+    if sys.argv[1:2] == ["plan"]:
+        from omni_train.plan import main as plan
+
+        sys.exit(plan(sys.argv[2:]))
     register()
     hydra.main(version_base=None, config_path="pkg://omni_train.conf", config_name="config")(_entry)()
 

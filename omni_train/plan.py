@@ -1,0 +1,130 @@
+"""`omni-train plan`: the per-GPU memory a training configuration needs, before anything runs.
+
+Owns: the memory model below, computed from the composed config (model preset, stage, nodes x processes, micro
+batch, row length, sequence parallelism, ZeRO offload, activation checkpointing, loss tiling) on a meta-device
+Thinker, and the start-of-training check that warns when it will not fit the GPU.
+
+Per GPU, with W = launcher.nnodes x launcher.nproc_per_node ranks, N parameters (N_t trainable), p bytes per
+parameter element (2 for bf16/fp16, 4 for fp32), T = micro_batch_size x max_len / sequence_parallel tokens:
+- parameters: N x p / W (ZeRO-3 partitions them; 0 with offload_param=cpu);
+- optimizer and gradients: N_t x 16 / W with 16-bit weights (fp32 master, Adam m and v, fp32 gradient partition),
+  N_t x 12 / W in fp32 (m, v, gradient); 0 with offload_optimizer=cpu. With the parameters this is DeepSpeed's own
+  estimate (`estimate_zero3_model_states_mem_needs`: 18 bytes per parameter in bf16), which a test checks;
+- gathered working set: the largest module's parameters twice (the one computing and the one prefetched);
+- activations of the language model: per token and layer p x (5h + 2kv + 3I) bytes kept for the backward (the
+  inputs of the norms, projections, attention and MLP: h hidden, kv key/value width, I MLP width), or p x h per
+  layer plus one layer's worth with activation checkpointing; attention itself is flash/per-sample (no L x L);
+- logits: fp32 logits, their softmax and gradient, 12 x V bytes per labelled token at once: all of a rank's
+  tokens on the plain path (the worst case: every token labelled), `trainer.logits_chunk` with tiling;
+- the largest temporary: one layer's MLP intermediate (3 x T x I x p) or the logits, whichever is larger, is
+  already inside the two lines above.
+The encoders' activations are not modelled (they depend on the media mix); leave headroom for them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from omni_train.config import Config, ConfigError
+
+GIB = 2**30
+
+
+def _meta_thinker(cfg: Config):
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from omni_train.model import omni_config
+
+    with torch.device("meta"):
+        return Qwen2_5OmniThinkerForConditionalGeneration(omni_config(cfg.model).thinker_config)
+
+
+def model_states(total: int, trainable: int, largest: int, world: int, element: int, offload_param: bool,
+                 offload_optimizer: bool) -> dict[str, float]:
+    """Bytes per GPU of the ZeRO-3 model states (see the module docstring)."""
+    per_trainable = 16 if element == 2 else 12
+    return {
+        "parameters (ZeRO-3 shard)": 0.0 if offload_param else total * element / world,
+        "optimizer + gradients (shard)": 0.0 if offload_optimizer else trainable * per_trainable / world,
+        "gathered working set": 2.0 * largest * element,
+    }
+
+
+def estimate(cfg: Config) -> dict[str, float]:
+    """Bytes per GPU for each line of the plan."""
+    import fnmatch
+
+    from omni_train.engine import patterns
+    from omni_train.model import DTYPES
+
+    thinker = _meta_thinker(cfg)
+    text = thinker.config.text_config
+    globs = patterns(list(cfg.stage.trainable))
+    total = trainable = 0
+    for name, p in thinker.named_parameters():
+        total += p.numel()
+        trainable += p.numel() if any(fnmatch.fnmatchcase(f"thinker.{name}", g) for g in globs) else 0
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in thinker.modules())
+    world = cfg.launcher.nnodes * cfg.launcher.nproc_per_node
+    element = DTYPES[cfg.model.dtype].itemsize
+    ds = cfg.deepspeed
+    lines = model_states(total, trainable, largest, world, element, ds.offload_param != "none",
+                         ds.offload_optimizer != "none")
+    t = cfg.trainer
+    tokens = t.micro_batch_size * cfg.data.max_len / t.sequence_parallel
+    h, inter, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+    kv = text.num_key_value_heads * (getattr(text, "head_dim", None) or h // text.num_attention_heads)
+    per_layer = element * (5 * h + 2 * kv + 3 * inter)
+    if cfg.model.gradient_checkpointing:
+        lines["activations (language model)"] = tokens * (element * h * layers + per_layer)
+    else:
+        lines["activations (language model)"] = tokens * per_layer * layers
+    labelled = min(tokens, t.logits_chunk) if t.logits_chunk > 0 else tokens
+    lines["logits (fp32, with softmax and gradient)"] = 12.0 * labelled * text.vocab_size
+    return lines
+
+
+def report(cfg: Config, gpu_gb: float) -> tuple[str, bool]:
+    lines = estimate(cfg)
+    total = sum(lines.values())
+    world = cfg.launcher.nnodes * cfg.launcher.nproc_per_node
+    head = (f"memory plan per GPU: model={cfg.model.preset} stage={cfg.stage.name} {cfg.launcher.nnodes} node(s) x "
+            f"{cfg.launcher.nproc_per_node} = {world} ranks, micro batch {cfg.trainer.micro_batch_size} x "
+            f"{cfg.data.max_len} tokens, sequence parallel {cfg.trainer.sequence_parallel}, "
+            f"{cfg.model.dtype}, checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}, "
+            f"logits_chunk {cfg.trainer.logits_chunk}")
+    body = [f"  {name:<42} {value / GIB:8.2f} GiB" for name, value in lines.items()]
+    fits = total <= gpu_gb * GIB
+    tail = (f"  {'total (encoders not counted)':<42} {total / GIB:8.2f} GiB: "
+            f"{'fits' if fits else 'does NOT fit'} in {gpu_gb:g} GiB")
+    return "\n".join([head, *body, tail]), fits
+
+
+def warn_if_too_big(cfg: Config, warn) -> None:
+    """At the start of training on a GPU: warn (never stop) when the plan exceeds the device's memory."""
+    if not torch.cuda.is_available():
+        return
+    gpu_gb = torch.cuda.get_device_properties(0).total_memory / GIB
+    text, fits = report(cfg, gpu_gb)
+    if not fits:
+        warn(f"this configuration may not fit the GPU ({gpu_gb:.0f} GiB):\n{text}")
+
+
+def main(overrides: list[str]) -> int:
+    """`omni-train plan [--gpu-gb G] OVERRIDES...`; exit 0 when it fits, 1 when not, 2 on a config error."""
+    from launch.cli import compose
+
+    gpu_gb = 80.0
+    if "--gpu-gb" in overrides:
+        i = overrides.index("--gpu-gb")
+        gpu_gb = float(overrides[i + 1])
+        overrides = overrides[:i] + overrides[i + 2:]
+    try:
+        text, fits = report(compose(overrides), gpu_gb)
+    except ConfigError as e:
+        print(f"omni-train plan: error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0 if fits else 1

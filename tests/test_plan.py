@@ -1,0 +1,56 @@
+"""`omni-train plan`: its model states equal DeepSpeed's own ZeRO-3 estimator, it answers for every preset at 8k and
+32k, and tiling, sequence parallelism and checkpointing move the lines they should."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from launch.cli import compose
+from omni_train.plan import GIB, estimate, model_states
+from tests.conftest import REPO
+
+
+def test_model_states_equal_deepspeeds_estimator_for_the_7b():
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from omni_train.model import omni_config
+
+    cfg = compose(["model=qwen2_5_omni_7b"])
+    with torch.device("meta"):
+        thinker = Qwen2_5OmniThinkerForConditionalGeneration(omni_config(cfg.model).thinker_config)
+    total = sum(p.numel() for p in thinker.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in thinker.modules())
+    ours = sum(model_states(total, total, largest, 16, 2, False, False).values())
+    _, theirs, _ = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=8, num_nodes=2,
+                                                          cpu_offload=False)
+    assert ours == pytest.approx(theirs, rel=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "qwen2_5_omni_3b", "qwen2_5_omni_7b"])
+@pytest.mark.parametrize("length", [8192, 32768])
+def test_plan_answers_for_each_preset_and_length(preset, length):
+    done = subprocess.run([sys.executable, "-m", "omni_train.train", "plan", "--gpu-gb", "80", f"model={preset}",
+                           f"data.max_len={length}", "launcher.nproc_per_node=8", "trainer.micro_batch_size=1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode in (0, 1), done.stderr[-2000:]
+    assert f"model={preset}" in done.stdout and f"1 x {length} tokens" in done.stdout
+    assert ("fits in 80 GiB" in done.stdout) == (done.returncode == 0)
+
+
+def test_tiling_sequence_parallel_and_checkpointing_move_their_lines():
+    base = ["model=qwen2_5_omni_7b", "data.max_len=32768", "trainer.micro_batch_size=1", "launcher.nproc_per_node=8",
+            "model.gradient_checkpointing=false"]
+    plain = estimate(compose([*base, "trainer.logits_chunk=0"]))
+    tiled = estimate(compose([*base, "trainer.logits_chunk=1024"]))
+    logits = "logits (fp32, with softmax and gradient)"
+    assert plain[logits] / GIB > 50 and tiled[logits] == plain[logits] * 1024 / 32768
+    split = estimate(compose([*base, "trainer.sequence_parallel=4"]))
+    acts = "activations (language model)"
+    assert split[acts] == pytest.approx(tiled[acts] / 4)
+    recomputed = estimate(compose([*base, "model.gradient_checkpointing=true"]))
+    assert recomputed[acts] < tiled[acts] / 5
