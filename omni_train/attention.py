@@ -117,6 +117,14 @@ class SequenceParallel:
         )
 
         def attention(module, query, key, value, attention_mask, *args, **kwargs):
+            rows = query.shape[0]
+            if rows != ulysses.batch_size:
+                # A micro-batch may hold fewer rows than micro_batch_size (a packing window's last rows); the layer
+                # checks shapes against the batch size it was built with (the sequence dims it updates itself).
+                ulysses.batch_size = rows
+                for name in ("required_query_shape", "required_key_value_shape", "required_context_shape"):
+                    shape = getattr(ulysses, name)
+                    setattr(ulysses, name, torch.Size([shape[0], rows, *shape[2:]]))
             return ulysses(module, query, key, value, None, *args, **kwargs)
 
         _register(ULYSSES, attention)

@@ -44,6 +44,15 @@ def init_distributed(timeout_min: float) -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def shutdown() -> None:
+    """Leave the process group (and its sub-groups) explicitly at the end of a successful run: left to interpreter
+    exit, gloo's worker threads can be torn down while joinable and abort the process (SIGABRT, "terminate called
+    without an active exception"), which torchrun reports as a failed rank."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """The DeepSpeed JSON for this run, from the `deepspeed` and `trainer` groups."""
     ds, t = cfg.deepspeed, cfg.trainer

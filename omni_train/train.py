@@ -229,8 +229,11 @@ def _entry(dict_cfg) -> None:
     cfg: Config = OmegaConf.to_object(dict_cfg)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         cfg.run_dir = HydraConfig.get().runtime.output_dir
+    from omni_train.engine import shutdown
+
     try:
         run(cfg)
+        shutdown()
     except ConfigError as e:  # Hydra would print a trace for an exception; a user error gets one line
         print(f"omni-train: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -29,10 +29,11 @@ def tiny_export(tmp_path_factory):
     return export_pretrained(thinker, tmp_path_factory.mktemp("sp") / "model", rename=hub_name)
 
 
-def _step(model, shards, out, sp: int, control: bool = False, kinds: str | None = None) -> dict:
+def _step(model, shards, out, sp: int, control: bool = False, kinds: str | None = None, rows: int = 2) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={sp}",
            "-m", "tests.helpers.sp_step", "--model", str(model), "--shards", str(shards), "--out", str(out),
-           "--sp", str(sp), *(["--control"] if control else []), *(["--kinds", kinds] if kinds else [])]
+           "--sp", str(sp), "--rows", str(rows), *(["--control"] if control else []),
+           *(["--kinds", kinds] if kinds else [])]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -58,12 +59,13 @@ def test_two_ranks_sharing_each_row_give_the_loss_and_gradients_of_one(whole, ti
         torch.testing.assert_close(split["grads"][name], want, rtol=0, atol=3e-5 * scale + 1e-9, msg=name)
 
 
-def test_a_rank_without_media_to_encode_still_matches(tiny_export, sample_shards, tmp_path):
-    """One image and two texts: the image goes to one rank's vision encoder, the other rank runs the dummy; no
-    audio at all: both run the audio dummy."""
+def test_a_rank_without_media_to_encode_and_a_short_micro_batch_still_match(tiny_export, sample_shards, tmp_path):
+    """One image and two texts in one row (micro_batch_size is 2: the loader's last rows of a window come like
+    this): the image goes to one rank's vision encoder, the other rank runs the dummy; no audio at all: both run
+    the audio dummy."""
     kinds = "image-,text-0001,text-0002"
-    whole = _step(tiny_export, sample_shards, tmp_path / "one.pt", sp=1, kinds=kinds)
-    split = _step(tiny_export, sample_shards, tmp_path / "two.pt", sp=2, kinds=kinds)
+    whole = _step(tiny_export, sample_shards, tmp_path / "one.pt", sp=1, kinds=kinds, rows=1)
+    split = _step(tiny_export, sample_shards, tmp_path / "two.pt", sp=2, kinds=kinds, rows=1)
     torch.testing.assert_close(split["loss"], whole["loss"], rtol=1e-6, atol=0)
     for name, want in whole["grads"].items():
         scale = float(want.abs().max())

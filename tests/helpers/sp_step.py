@@ -25,7 +25,7 @@ def causal_over_row(module, query, key, value, attention_mask=None, scaling=None
     return out.transpose(1, 2).contiguous(), None
 
 
-def fixed_batch(shards: str, kinds: tuple[str, ...] = KINDS) -> dict[str, torch.Tensor]:
+def fixed_batch(shards: str, kinds: tuple[str, ...] = KINDS, rows: int = 2) -> dict[str, torch.Tensor]:
     from omni_train.batch import collate_packed, decode_sample
 
     picked = {}
@@ -35,9 +35,9 @@ def fixed_batch(shards: str, kinds: tuple[str, ...] = KINDS) -> dict[str, torch.
         if kind and kind not in picked:
             picked[kind] = decode_sample(raw)
     samples = [picked[k] for k in kinds]
-    rows = [samples[0::2], samples[1::2]]
-    length = -(-max(sum(len(s) for s in row) for row in rows) // 64) * 64 + 64  # a padding "sample" too
-    return collate_packed(rows, length, pad_id=151643)
+    packed = [samples[r::rows] for r in range(rows)]
+    length = -(-max(sum(len(s) for s in row) for row in packed) // 64) * 64 + 64  # a padding "sample" too
+    return collate_packed(packed, length, pad_id=151643)
 
 
 def main() -> None:
@@ -48,13 +48,14 @@ def main() -> None:
     parser.add_argument("--sp", type=int, default=1)
     parser.add_argument("--control", action="store_true")
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated sample id prefixes")
+    parser.add_argument("--rows", type=int, default=2, help="rows in the batch (micro_batch_size stays 2)")
     args = parser.parse_args()
 
     import deepspeed
 
     from launch.cli import compose
     from omni_train.attention import SequenceParallel, use_packed_attention
-    from omni_train.engine import deepspeed_config, init_distributed, initialize
+    from omni_train.engine import deepspeed_config, init_distributed, initialize, shutdown
     from omni_train.model import build_thinker
     from omni_train.objectives import ThinkerLM, label_tokens
 
@@ -70,7 +71,7 @@ def main() -> None:
     module = ThinkerLM(thinker, sp, cfg.trainer.logits_chunk)
     engine, _, _ = initialize(cfg, module, ds_config)
 
-    batch = fixed_batch(args.shards, tuple(args.kinds.split(",")))
+    batch = fixed_batch(args.shards, tuple(args.kinds.split(",")), args.rows)
     labels = label_tokens(batch["labels"])  # the whole row's labels, counted once (as the loop does)
     loss, stats = engine(**batch)
     engine.backward(loss * world / labels)
@@ -85,6 +86,7 @@ def main() -> None:
     if rank == 0:
         torch.save({"loss": total / labels, "stats": stats, "grads": grads, "length": batch["input_ids"].shape[1]},
                    args.out)
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def main() -> None:
 
     from launch.cli import compose
     from omni_train.batch import collate_packed, decode_sample
-    from omni_train.engine import deepspeed_config, init_distributed, initialize
+    from omni_train.engine import deepspeed_config, init_distributed, initialize, shutdown
     from omni_train.model import build_thinker
     from omni_train.objectives import ThinkerLM
 
@@ -88,6 +88,7 @@ def main() -> None:
         losses.append(float(loss))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps({"losses": losses}))
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Peak memory per rank of a long packed row: sequence parallelism 2 against 1, activation checkpointing on and off.
+"""Peak memory per rank of a training step on a long packed row: sequence parallelism 2 against 1, activation
+checkpointing on against off, and the fused tiled LM-head loss against the plain one (all labelled logits at once).
 
-    .venv/bin/python benchmarks/sp_memory.py [--len 16384] [--steps 3] [--shards DIR]
+    .venv/bin/python benchmarks/step_memory.py [--len 16384] [--steps 3] [--shards DIR] [--only sp|loss]
 
 One fixed row of --len tokens (the sample corpus's conversations, every kind, packed in order until the row is
 full), trained for --steps steps by 2 processes under ZeRO-3 (tiny model, AdamW) in each configuration: with SP=1
@@ -9,6 +10,9 @@ sharded over the same 2 ranks either way, so the difference is what one rank com
 activations and its labelled positions' logits (the encoders run on the whole row's media in both). Reported per
 configuration: the largest peak over ranks (max RSS on CPU, max CUDA allocation on GPU) and the step's own share
 (peak minus the memory held before the first step). Goal (issue 5): SP=2 at most 0.6x of SP=1.
+
+Loss section: rows of 4,096 and 32,768 tokens in which every assistant token is labelled (the corpus's own labels),
+SP=1, checkpointing on, `trainer.logits_chunk` 1024 against 0. Goal (issue 8): tiled at most 1/3 of plain at 32k.
 """
 
 from __future__ import annotations
@@ -46,13 +50,14 @@ def worker(args) -> None:
 
     from launch.cli import compose
     from omni_train.attention import SequenceParallel, use_packed_attention
-    from omni_train.engine import deepspeed_config, init_distributed, initialize
+    from omni_train.engine import deepspeed_config, init_distributed, initialize, shutdown
     from omni_train.model import build_thinker
     from omni_train.objectives import ThinkerLM, label_tokens
     from omni_train.train import peak_memory_gb
 
     cfg = compose(["trainer.micro_batch_size=1", f"trainer.sequence_parallel={args.sp}",
-                   f"model.gradient_checkpointing={str(args.checkpointing).lower()}"])
+                   f"model.gradient_checkpointing={str(args.checkpointing).lower()}",
+                   f"trainer.logits_chunk={args.logits_chunk}"])
     rank, world = init_distributed(timeout_min=5.0)
     sp = SequenceParallel(args.sp) if args.sp > 1 else None
     ds_config = deepspeed_config(cfg, world)
@@ -76,17 +81,20 @@ def worker(args) -> None:
     if rank == 0:
         Path(args.out).write_text(json.dumps({"peak_gb": peaks[0].item(), "step_gb": peaks[1].item(),
                                               "labels": labels, "tokens": int(batch["input_ids"].numel())}))
+    shutdown()
 
 
-def measure(shards: Path, length: int, steps: int, sp: int, checkpointing: bool, root: Path) -> dict:
-    out = root / f"sp{sp}-ckpt{int(checkpointing)}.json"
+def measure(shards: Path, length: int, steps: int, sp: int, checkpointing: bool, root: Path,
+            logits_chunk: int = 1024) -> dict:
+    out = root / f"len{length}-sp{sp}-ckpt{int(checkpointing)}-chunk{logits_chunk}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(Path(__file__).resolve()), "--worker", "--shards", str(shards), "--len", str(length), "--steps",
-           str(steps), "--sp", str(sp), "--out", str(out), *(["--checkpointing"] if checkpointing else [])]
+           str(steps), "--sp", str(sp), "--out", str(out), "--logits-chunk", str(logits_chunk),
+           *(["--checkpointing"] if checkpointing else [])]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        sys.exit(f"sp_memory: run failed:\n{done.stderr[-3000:]}")
+        sys.exit(f"step_memory: run failed:\n{done.stderr[-3000:]}")
     return json.loads(out.read_text())
 
 
@@ -99,14 +107,33 @@ def main() -> None:
     parser.add_argument("--sp", type=int, default=1)
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--out")
+    parser.add_argument("--logits-chunk", type=int, default=1024)
+    parser.add_argument("--only", choices=["sp", "loss"])
     args = parser.parse_args()
     if args.worker:
         return worker(args)
 
     from common import sample_shards
 
-    root = Path(tempfile.mkdtemp(prefix="sp-mem-"))
+    root = Path(tempfile.mkdtemp(prefix="step-mem-"))
     shards = sample_shards(args.shards, root)
+    if args.only != "loss":
+        sequence_parallel(shards, args, root)
+    if args.only != "sp":
+        loss_tiling(shards, args, root)
+
+
+def loss_tiling(shards: Path, args, root: Path) -> None:
+    for length in (4096, 32768):
+        runs = {chunk: measure(shards, length, args.steps, 1, True, root, logits_chunk=chunk) for chunk in (0, 1024)}
+        for chunk, r in runs.items():
+            print(f"row of {r['tokens']} tokens ({r['labels']} labelled), {'tiled (1024)' if chunk else 'plain'} "
+                  f"loss: peak {r['peak_gb']:.2f} GB per rank, of which the step {r['step_gb']:.2f} GB", flush=True)
+        print(f"tiled / plain at {length}: peak {runs[1024]['peak_gb'] / runs[0]['peak_gb']:.2f}x, step "
+              f"{runs[1024]['step_gb'] / runs[0]['step_gb']:.2f}x", flush=True)
+
+
+def sequence_parallel(shards: Path, args, root: Path) -> None:
     results = {}
     for checkpointing in (False, True):
         for sp in (1, 2):
