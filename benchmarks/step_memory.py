@@ -49,26 +49,16 @@ def worker(args) -> None:
     import torch
 
     from launch.cli import compose
-    from omni_train.attention import SequenceParallel, use_packed_attention
-    from omni_train.engine import deepspeed_config, init_distributed, initialize, shutdown
-    from omni_train.model import build_thinker
-    from omni_train.objectives import ThinkerLM, label_tokens
-    from omni_train.train import peak_memory_gb
+    from omni_train.attention import SequenceParallel
+    from omni_train.engine import init_distributed, shutdown
+    from omni_train.objectives import label_tokens
+    from omni_train.train import peak_memory_gb, thinker_engine
 
     cfg = compose(["trainer.micro_batch_size=1", f"trainer.sequence_parallel={args.sp}",
                    f"model.gradient_checkpointing={str(args.checkpointing).lower()}",
                    f"trainer.logits_chunk={args.logits_chunk}"])
     rank, world = init_distributed(timeout_min=5.0)
-    sp = SequenceParallel(args.sp) if args.sp > 1 else None
-    ds_config = deepspeed_config(cfg, world)
-    thinker = build_thinker(cfg.model, ds_config)
-    if args.checkpointing:
-        thinker.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if sp is not None:
-        sp.attach(thinker.model.language_model, 1, "sdpa")
-    else:
-        use_packed_attention(thinker.model.language_model)
-    engine, _, _ = initialize(cfg, ThinkerLM(thinker, sp, cfg.trainer.logits_chunk), ds_config)
+    engine, _, _ = thinker_engine(cfg, world, SequenceParallel(args.sp) if args.sp > 1 else None)
     batch = fixed_row(Path(args.shards), args.length)
     labels = label_tokens(batch["labels"])
     before = peak_memory_gb()

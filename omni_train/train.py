@@ -70,17 +70,39 @@ def _shares(counts: dict[str, float]) -> dict[str, float]:
     return {name: n / total for name, n in counts.items()}
 
 
+def thinker_engine(cfg: Config, world: int, sp=None):
+    """The Thinker objective under its DeepSpeed engine, as configured: (engine, ThinkerLM, LR scheduler).
+    `sp`: the run's omni_train.attention.SequenceParallel, or None."""
+    from omni_train.attention import use_packed_attention
+    from omni_train.engine import deepspeed_config, freeze, initialize
+    from omni_train.model import build_thinker
+    from omni_train.objectives import ThinkerLM
+
+    ds_config = deepspeed_config(cfg, world)
+    thinker = build_thinker(cfg.model, ds_config)
+    if cfg.model.gradient_checkpointing:
+        thinker.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if sp is not None:
+        sp.attach(thinker.model.language_model, cfg.trainer.micro_batch_size, cfg.model.attn_implementation)
+    elif cfg.model.attn_implementation == "sdpa":
+        use_packed_attention(thinker.model.language_model)
+    module = ThinkerLM(thinker, sp, cfg.trainer.logits_chunk)
+    freeze(module, list(cfg.stage.trainable))
+    engine, _, scheduler = initialize(cfg, module, ds_config)
+    return engine, module, scheduler
+
+
 def run(cfg: Config) -> dict:
     """Train one stage as configured; every rank calls it. Returns the stage summary (on every rank)."""
-    from omni_train.attention import SequenceParallel, use_packed_attention
+    from omni_train.attention import SequenceParallel
     from omni_train.batch import CONDITIONS
-    from omni_train.engine import deepspeed_config, freeze, init_distributed, initialize
+    from omni_train.engine import init_distributed
     from omni_train.export import export_pretrained
     from omni_train.keymap import hub_name
     from omni_train.loader import build_rank_loader
     from omni_train.metrics import Metrics
-    from omni_train.model import build_thinker, param_counts
-    from omni_train.objectives import ThinkerLM, label_tokens
+    from omni_train.model import param_counts
+    from omni_train.objectives import label_tokens
     from omni_train.plan import warn_if_too_big
     from omni_train.tokenizer import load_tokenizer
 
@@ -106,17 +128,7 @@ def run(cfg: Config) -> dict:
     loader = build_rank_loader(cfg.data, tokenizer, dp_rank, dp_world, t.seed, rows=t.micro_batch_size)
     source_names = [s.name for s in cfg.data.sources]
 
-    ds_config = deepspeed_config(cfg, world)
-    thinker = build_thinker(cfg.model, ds_config)
-    if cfg.model.gradient_checkpointing:
-        thinker.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if sp is not None:
-        sp.attach(thinker.model.language_model, t.micro_batch_size, cfg.model.attn_implementation)
-    elif cfg.model.attn_implementation == "sdpa":
-        use_packed_attention(thinker.model.language_model)
-    module = ThinkerLM(thinker, sp, t.logits_chunk)
-    freeze(module, list(cfg.stage.trainable))
-    engine, _, scheduler = initialize(cfg, module, ds_config)
+    engine, module, scheduler = thinker_engine(cfg, world, sp)
     counts = param_counts(module)
     local_params = [None] * world
     torch.distributed.all_gather_object(local_params, counts["local"])
