@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from common import sample_shards
+
 from omni_train.batch import best_fit
 
 

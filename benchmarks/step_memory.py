@@ -19,13 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def fixed_row(shards: Path, length: int) -> dict:
@@ -76,16 +71,12 @@ def worker(args) -> None:
 
 def measure(shards: Path, length: int, steps: int, sp: int, checkpointing: bool, root: Path,
             logits_chunk: int = 1024) -> dict:
-    out = root / f"len{length}-sp{sp}-ckpt{int(checkpointing)}-chunk{logits_chunk}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(__file__).resolve()), "--worker", "--shards", str(shards), "--len", str(length), "--steps",
-           str(steps), "--sp", str(sp), "--out", str(out), "--logits-chunk", str(logits_chunk),
-           *(["--checkpointing"] if checkpointing else [])]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"step_memory: run failed:\n{done.stderr[-3000:]}")
-    return json.loads(out.read_text())
+    from common import run_workers
+
+    return run_workers(__file__, ["--shards", str(shards), "--len", str(length), "--steps", str(steps), "--sp",
+                                  str(sp), "--logits-chunk", str(logits_chunk),
+                                  *(["--checkpointing"] if checkpointing else [])],
+                       root / f"len{length}-sp{sp}-ckpt{int(checkpointing)}-chunk{logits_chunk}.json")
 
 
 def main() -> None:

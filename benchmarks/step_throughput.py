@@ -15,15 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def micro_batches(shards: Path, mode: str, length: int, batch: int) -> list[tuple[dict, int]]:
@@ -82,15 +77,10 @@ def worker(args) -> None:
 
 
 def measure(shards: Path, mode: str, args, root: Path) -> dict:
-    out = root / f"{mode}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(__file__).resolve()), "--worker", "--mode", mode, "--shards", str(shards), "--len",
-           str(args.length), "--batch", str(args.batch), "--repeat", str(args.repeat), "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"step_throughput: run failed:\n{done.stderr[-3000:]}")
-    return json.loads(out.read_text())
+    from common import run_workers
+
+    return run_workers(__file__, ["--mode", mode, "--shards", str(shards), "--len", str(args.length), "--batch",
+                                  str(args.batch), "--repeat", str(args.repeat)], root / f"{mode}.json")
 
 
 def main() -> None:

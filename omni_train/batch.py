@@ -26,7 +26,6 @@ from data_prep.chatml import IGNORE
 from data_prep.media import decode_flac
 from omni_train.features import log_mel, patchify
 
-
 AUDIO_BIT, IMAGE_BIT, VIDEO_BIT = 1, 2, 4
 CONDITIONS = {"text": 0, "audio": AUDIO_BIT, "image": IMAGE_BIT, "video": VIDEO_BIT}
 

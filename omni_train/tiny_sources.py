@@ -17,9 +17,15 @@ def write_tiny_sources(root: Path, model: ModelConfig, vision_depth: int | None 
     """Tiny random Qwen2ForCausalLM, WhisperModel and Qwen2_5_VLForConditionalGeneration shaped like the
     preset's Thinker parts, saved by transformers (their on-disk layouts). Returns model.compose's paths by role;
     `vision_depth` gives the vision tower another depth (a mismatching source, for tests)."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        WhisperConfig,
+        WhisperModel,
+    )
     from transformers.utils import logging as hf_logging
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM,
-                              WhisperConfig, WhisperModel)
 
     thinker = omni_config(model).thinker_config
     text, audio, vision = thinker.text_config, thinker.audio_config, thinker.vision_config
@@ -41,7 +47,7 @@ def write_tiny_sources(root: Path, model: ModelConfig, vision_depth: int | None 
         vision_config={**vl_vision, "depth": vision_depth or vision.depth}))
     hf_logging.disable_progress_bar()  # save_pretrained's shard bar, three times per call
     paths = {}
-    for role, model in (("llm", llm), ("audio", whisper), ("vision", vl)):
+    for role, source in (("llm", llm), ("audio", whisper), ("vision", vl)):
         paths[role] = str(Path(root) / role)
-        model.save_pretrained(paths[role])
+        source.save_pretrained(paths[role])
     return paths

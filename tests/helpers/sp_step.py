@@ -55,7 +55,12 @@ def main() -> None:
 
     from launch.cli import compose
     from omni_train.attention import SequenceParallel, use_packed_attention
-    from omni_train.engine import deepspeed_config, init_distributed, initialize, shutdown
+    from omni_train.engine import (
+        deepspeed_config,
+        init_distributed,
+        initialize,
+        shutdown,
+    )
     from omni_train.model import build_thinker
     from omni_train.objectives import ThinkerLM, label_tokens
 

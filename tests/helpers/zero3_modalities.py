@@ -53,7 +53,12 @@ def main() -> None:
 
     from launch.cli import compose
     from omni_train.batch import collate_packed, decode_sample
-    from omni_train.engine import deepspeed_config, init_distributed, initialize, shutdown
+    from omni_train.engine import (
+        deepspeed_config,
+        init_distributed,
+        initialize,
+        shutdown,
+    )
     from omni_train.model import build_thinker
     from omni_train.objectives import ThinkerLM
 
