@@ -6,8 +6,9 @@ tokens, and collation of packed rows into the batch the Thinker objective takes.
 
 A packed row is samples laid end to end, each keeping its own TMRoPE positions (3 x L, starting at 0), plus a
 fourth, leading position row of plain per-sample text positions (0, 1, ... restarting at every sample). transformers'
-Qwen2.5-Omni text model reads that leading row to find sample boundaries: flash-attention's varlen path takes
-cu_seqlens from it, and SDPA gets a block-diagonal causal mask, so attention never crosses samples. The row's
+Qwen2.5-Omni text model passes that leading row to its attention, which finds sample boundaries in it:
+flash-attention's varlen path takes cu_seqlens from it, and our per-sample SDPA core (omni_train.attention) runs
+causal attention sample by sample, so attention never crosses samples. The row's
 tail padding is one more "sample" of pad tokens with no labels. Media tensors are concatenated in order of
 appearance across the whole batch, matching the order of their placeholder tokens. `conditions` marks, per token,
 which media its sample holds (bits AUDIO_BIT, IMAGE_BIT, VIDEO_BIT; 0 for text-only), for per-modality metrics.

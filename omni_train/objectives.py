@@ -4,8 +4,8 @@ Owns: the Thinker's next-token cross-entropy (media embedded ZeRO-3-safely, see 
 labelled positions (the 152k-wide logits of an unlabelled position are never formed; with `logits_chunk` the head
 and the loss are fused and tiled, so not even the labelled positions' logits exist at once), returned as a *sum* so
 the loop can normalise by the real label-token count of the whole optimizer step across ranks and accumulation
-steps. The DeepSpeed engine wraps these modules, so
-their parameter names carry the released checkpoint's prefixes (`thinker.`, later `talker.`).
+steps. The DeepSpeed engine wraps these modules, so their parameter names carry the released checkpoint's prefixes
+(`thinker.`, later `talker.`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class ThinkerLM(nn.Module):
         embeds = model.get_input_embeddings()(input_ids)
         tower, visual = model.audio_tower, model.visual
         if audio_features is None:
-            embeds = _fill(embeds, None, _dummy_audio(tower, embeds), dummy=True)
+            embeds = _fill(embeds, None, _dummy_audio(tower, embeds))
         else:
             clips = audio_features.split(audio_lengths.tolist(), dim=1)
 
@@ -67,9 +67,9 @@ class ThinkerLM(nn.Module):
 
             tokens = tower._get_feat_extract_output_lengths(audio_lengths)[1].tolist()
             out = self._encode(tokens, run_audio, lambda: _dummy_audio(tower, embeds))
-            embeds = _fill(embeds, input_ids == AUDIO, out, dummy=False)
+            embeds = _fill(embeds, input_ids == AUDIO, out)
         if pixel_values is None:
-            return _fill(embeds, None, _dummy_vision(visual, embeds), dummy=True)
+            return _fill(embeds, None, _dummy_vision(visual, embeds))
         rows = grid_thw.prod(dim=1)
         items = pixel_values.split(rows.tolist())
 
@@ -78,7 +78,7 @@ class ThinkerLM(nn.Module):
 
         tokens = (rows // visual.spatial_merge_size**2).tolist()
         out = self._encode(tokens, run_vision, lambda: _dummy_vision(visual, embeds))
-        return _fill(embeds, (input_ids == IMAGE) | (input_ids == VIDEO), out, dummy=False)
+        return _fill(embeds, (input_ids == IMAGE) | (input_ids == VIDEO), out)
 
     def _encode(self, tokens: list[int], run, dummy) -> torch.Tensor:
         """Encoder outputs of every item (clip, image or video; `tokens` output rows each), in order.
@@ -157,10 +157,10 @@ def _share(sizes: list[int], ranks: int) -> list[list[int]]:
     return [sorted(share) for share in shares]
 
 
-def _fill(embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, dummy: bool) -> torch.Tensor:
-    """Put `features` (in order) at the `mask` positions; a dummy's output joins the graph with weight zero, so
-    its encoder's parameters get (zero) gradients on this rank as on every other."""
-    if dummy:
+def _fill(embeds: torch.Tensor, mask: torch.Tensor | None, features: torch.Tensor) -> torch.Tensor:
+    """Put `features` (in order) at the `mask` positions. Without a mask the features are a dummy's output: it joins
+    the graph with weight zero, so its encoder's parameters get (zero) gradients on this rank as on every other."""
+    if mask is None:
         return embeds + 0.0 * features.sum()
     if int(mask.sum()) != features.shape[0]:
         raise ValueError(f"{int(mask.sum())} placeholder tokens but {features.shape[0]} encoder outputs")
