@@ -32,8 +32,32 @@ def run_workers(script: str, worker_args: list[str], out: Path, processes: int =
     by rank 0). A failed run stops the benchmark with the ranks' last output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
            str(Path(script).resolve()), "--worker", *worker_args, "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    threads = max(1, (os.cpu_count() or 1) // processes)  # the cores shared out, as torchrun would
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{Path(script).stem}: run failed:\n{done.stderr[-3000:]}")
     return json.loads(out.read_text())
+
+
+def flatten(prefix: str, value) -> dict[str, float]:
+    """A nested result as a flat {"prefix.key.subkey": number} map (non-numbers left out)."""
+    if isinstance(value, dict):
+        out = {}
+        for key, sub in value.items():
+            out.update(flatten(f"{prefix}.{key}", sub))
+        return out
+    return {prefix: value} if isinstance(value, (int, float)) and not isinstance(value, bool) else {}
+
+
+def add_json_option(parser) -> None:
+    parser.add_argument("--json", type=Path, help="also write the figures to this file, as a flat name -> number map")
+
+
+def write_figures(path: Path | None, prefix: str, result: dict) -> None:
+    """Write `result` flattened under `prefix` to `path` (when given), through a temporary name."""
+    if path is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(flatten(prefix, result), indent=2, sort_keys=True))
+    tmp.replace(path)

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import sample_shards
+from common import add_json_option, sample_shards, write_figures
 
 from omni_train.batch import best_fit
 
@@ -61,6 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shards", type=Path)
     parser.add_argument("--window", type=int, default=1024)
+    add_json_option(parser)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     corpus = corpus_lengths(args.shards)
@@ -75,6 +76,7 @@ def main() -> None:
             report[name][f"packed_{capacity}"] = round(eff, 4)
             report[name][f"ratio_vs_padded_{capacity}"] = round(eff / padded(lengths), 2)
     print(json.dumps({"window": args.window, **report}, indent=2))
+    write_figures(args.json, "packing", report)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import add_json_option, write_figures
+
 from data_prep.build import build
 from data_prep.config import from_overrides
 from data_prep.sample import write_sample_corpus
@@ -26,6 +28,7 @@ from data_prep.sample import write_sample_corpus
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
+    add_json_option(parser)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="prep-bench-"))
     manifest = write_sample_corpus(root / "corpus")
@@ -49,9 +52,11 @@ def main() -> None:
             "video_seconds_per_s_per_worker": round(seconds.get("video", 0.0) / t / workers, 1),
         }
     shutil.rmtree(root)
-    print(json.dumps({"machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
-                      "samples": index["totals"]["samples"], "by_workers": results,
-                      "speedup_2_vs_1": round(results[1]["median_s"] / results[2]["median_s"], 2)}, indent=2))
+    report = {"machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+              "samples": index["totals"]["samples"], "by_workers": results,
+              "speedup_2_vs_1": round(results[1]["median_s"] / results[2]["median_s"], 2)}
+    print(json.dumps(report, indent=2))
+    write_figures(args.json, "prep", report)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,8 @@ def measure(shards: Path, mode: str, args, root: Path) -> dict:
 
 
 def main() -> None:
+    from common import add_json_option
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--len", type=int, default=2048, dest="length")
     parser.add_argument("--batch", type=int, default=8)
@@ -92,11 +94,12 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--mode", choices=["packed", "padded"])
     parser.add_argument("--out")
+    add_json_option(parser)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
 
-    from common import sample_shards
+    from common import sample_shards, write_figures
 
     root = Path(tempfile.mkdtemp(prefix="step-tput-"))
     shards = sample_shards(args.shards, root)
@@ -107,6 +110,9 @@ def main() -> None:
         print(f"{mode}: {r['micro_batches']} micro-batches, {r['tokens']:.0f} real tokens, median pass "
               f"{statistics.median(r['seconds']):.2f} s: {rates[mode]:,.0f} tokens/s", flush=True)
     print(f"packed / padded: {rates['packed'] / rates['padded']:.2f}x")
+    write_figures(args.json, "step_throughput", {"packed_tokens_per_s": round(rates["packed"], 1),
+                                                 "padded_tokens_per_s": round(rates["padded"], 1),
+                                                 "packed_vs_padded_ratio": round(rates["packed"] / rates["padded"], 3)})
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ re-run keeps the complete shards and redoes the rest; nothing in a shard is a pi
 
 A sample in a shard (key `sNNNNNNNNN`): `json` (id, source, messages, use_audio_in_video, media list, token count),
 `input_ids.npy`, `labels.npy`, `position_ids.npy` (3 x L), int32, and its media at final size: `mI.flac` (16 kHz
-audio, or a video's own track), `mI.jpg` (image), `mI.FFFF.jpg` (video frames).
+audio, or a video's own track), `mI.jpg` (image), `mI.FFFF.jpg` (video frames). A record with `speech` (the
+Talker's data: codec ids of the last assistant turn, a DPO triplet when it has `rejected`) adds
+`speech.chosen.npy` / `speech.rejected.npy` and a json `speech` entry (speaker, reference log-probs).
 """
 
 from __future__ import annotations
@@ -192,15 +194,51 @@ def prepare(sid: str, record: dict, base_dir: Path, cfg: PrepConfig, tokenizer, 
         raise SampleError(f"{n} tokens > max_len={cfg.max_len} (media spans are never cut)")
     if not (enc["labels"] != -100).any():
         raise SampleError("no assistant token carries a label")
-    files["json"] = json.dumps({"id": sid, "source": source_name, "messages": _without_bytes(messages),
-                                "use_audio_in_video": use_audio_in_video, "media": meta, "num_tokens": n},
-                               sort_keys=True).encode()
+    info = {"id": sid, "source": source_name, "messages": _without_bytes(messages),
+            "use_audio_in_video": use_audio_in_video, "media": meta, "num_tokens": n}
+    if record.get("speech") is not None:
+        info["speech"] = _speech(record["speech"], messages, files)
+    files["json"] = json.dumps(info, sort_keys=True).encode()
     files["input_ids.npy"] = _npy(enc["input_ids"])
     files["labels.npy"] = _npy(enc["labels"])
     files["position_ids.npy"] = _npy(enc["position_ids"])
     modalities = tuple(sorted({m["type"] for m in meta} | ({"video_audio"} if use_audio_in_video and any(
         m["type"] == "video" for m in meta) else set()))) or ("text",)
     return Prepared(files, n, dict(seconds), modalities)
+
+
+CODEC_IDS = 8292  # codec ids below the Talker's special ids (pad 8292, bos 8293, eos 8294, mask 8296)
+
+
+def _speech(speech, messages: list[dict], files: dict[str, bytes]) -> dict:
+    """A record's `speech` (the last assistant turn, spoken): codec ids `chosen` (required), `rejected` (a DPO
+    triplet), `speaker` (a key of the model's spk_dict.pt) and `ref_logps` ([chosen, rejected] reference
+    log-probs, precomputed). The codes go to `speech.chosen.npy` / `speech.rejected.npy`; the rest to the json."""
+    if not isinstance(speech, dict) or "chosen" not in speech:
+        raise SampleError("speech must be an object with 'chosen' codec ids (and 'rejected' for a DPO triplet)")
+    if messages[-1].get("role") != "assistant":
+        raise SampleError("a sample with speech must end with the assistant turn it speaks")
+    out = {}
+    for kind in ("chosen", "rejected"):
+        if speech.get(kind) is None:
+            continue
+        codes = speech[kind]
+        if not isinstance(codes, list) or not codes or not all(isinstance(c, int) and 0 <= c < CODEC_IDS
+                                                                 for c in codes):
+            raise SampleError(f"speech.{kind} must be a non-empty list of codec ids in [0, {CODEC_IDS})")
+        files[f"speech.{kind}.npy"] = _npy(np.asarray(codes))
+    if "speaker" in speech:
+        if not isinstance(speech["speaker"], str):
+            raise SampleError("speech.speaker must be a speaker name (a key of the model's spk_dict.pt)")
+        out["speaker"] = speech["speaker"]
+    if speech.get("ref_logps") is not None:
+        ref = speech["ref_logps"]
+        if not (isinstance(ref, list) and len(ref) == 2 and all(isinstance(x, (int, float)) and x <= 0 for x in ref)):
+            raise SampleError("speech.ref_logps must be [chosen, rejected] summed log-probs (<= 0)")
+        if speech.get("rejected") is None:
+            raise SampleError("speech.ref_logps needs a rejected sequence")
+        out["ref_logps"] = [float(x) for x in ref]
+    return out
 
 
 def _without_bytes(messages: list[dict]) -> list[dict]:

@@ -213,7 +213,7 @@ def write_sample_corpus(out_dir: str | os.PathLike, seed: int = 0, speech: int =
             _user({"type": "text", "text": "And its shape?"}),
             _assistant(f"It is a {shape}.")]})
 
-    write_triplets(out, rng)
+    write_triplets(out, rng, media)
     write_text_atomic(out / "media.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     text_path = write_text_corpus(out, n=texts, seed=seed)
     records.extend(json.loads(line) for line in text_path.read_text().splitlines())
@@ -228,16 +228,20 @@ def _codes(text: str) -> list[int]:
     return [(ord(c) * 37 + k * 1009) % CODEBOOK for c in text for k in range(2)]
 
 
-def write_triplets(out_dir: Path, rng: random.Random, n: int = 48) -> Path:
-    """Talker DPO triplets: {id, messages (ending with the assistant's reply text), chosen, rejected, speaker}."""
+def write_triplets(out_dir: Path, rng: random.Random, media: Path, n: int = 48) -> Path:
+    """Talker DPO triplets: {id, messages (ending with the assistant's reply, the text that is spoken), speech:
+    {chosen, rejected, speaker}}; every fourth question is itself spoken (an audio clip in the prompt)."""
     lines = []
     for i in range(n):
         a, b = rng.randrange(20), rng.randrange(20)
-        reply = f"{a} plus {b} is {a + b}."
+        question, reply = f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
         chosen = _codes(reply)
         rejected = [rng.randrange(CODEBOOK) if rng.random() < 0.3 else c for c in chosen]
-        lines.append(json.dumps({"id": f"triplet-{i:03d}", "speaker": "Chelsie", "chosen": chosen,
-                                 "rejected": rejected, "messages": [
-                                     {"role": "user", "content": f"What is {a} plus {b}?"},
-                                     {"role": "assistant", "content": reply}]}))
+        if i % 4 == 0:
+            wav = _speech(question, media / f"triplet_{i:03d}.wav", rng)
+            user = _user({"type": "audio", "audio": f"media/{wav.name}"})
+        else:
+            user = {"role": "user", "content": question}
+        lines.append(json.dumps({"id": f"triplet-{i:03d}", "messages": [user, _assistant(reply)],
+                                 "speech": {"chosen": chosen, "rejected": rejected, "speaker": "Chelsie"}}))
     return write_text_atomic(out_dir / "triplets.jsonl", "".join(line + "\n" for line in lines))

@@ -51,7 +51,8 @@ def launch(overrides: list[str]) -> int:
 
     cfg = compose(overrides)
     validate(cfg)
-    check_patterns(thinker_parameter_names(cfg.model), list(cfg.stage.trainable))
+    check_patterns(thinker_parameter_names(cfg.model, talker=cfg.stage.objective != "thinker"),
+                   list(cfg.stage.trainable))
     if cfg.launcher.name != "local":
         raise ConfigError(f"launcher={cfg.launcher.name} is not available yet: use launcher=local")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

@@ -32,6 +32,16 @@ CONDITIONS = {"text": 0, "audio": AUDIO_BIT, "image": IMAGE_BIT, "video": VIDEO_
 
 
 @dataclass
+class Speech:
+    """The spoken last assistant turn: codec ids (chosen; rejected for a DPO triplet), speaker, reference log-probs."""
+
+    chosen: torch.Tensor  # (T,) int64
+    rejected: torch.Tensor | None
+    speaker: str | None
+    ref_logps: tuple[float, float] | None
+
+
+@dataclass
 class ModelSample:
     id: str
     input_ids: torch.Tensor  # (L,)
@@ -41,6 +51,7 @@ class ModelSample:
     vision: list[torch.Tensor]  # (rows, 1176) per image or video, in order of appearance
     grids: list[tuple[int, int, int]]
     vision_kinds: list[str]  # "image" or "video", per entry of `vision`
+    speech: Speech | None = None  # the Talker's targets, when the sample has them
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -82,8 +93,19 @@ def decode_sample(sample: dict) -> ModelSample:
         input_ids=torch.from_numpy(sample["input_ids.npy"].astype(np.int64)),
         labels=torch.from_numpy(sample["labels.npy"].astype(np.int64)),
         positions=torch.from_numpy(sample["position_ids.npy"].astype(np.int64)),
-        audio=audio, vision=vision, grids=grids, vision_kinds=kinds,
+        audio=audio, vision=vision, grids=grids, vision_kinds=kinds, speech=_speech(sample, info),
     )
+
+
+def _speech(sample: dict, info: dict) -> Speech | None:
+    if "speech.chosen.npy" not in sample:
+        return None
+    extra = info.get("speech", {})
+    rejected = sample.get("speech.rejected.npy")
+    ref = extra.get("ref_logps")
+    return Speech(torch.from_numpy(sample["speech.chosen.npy"].astype(np.int64)),
+                  None if rejected is None else torch.from_numpy(rejected.astype(np.int64)),
+                  extra.get("speaker"), tuple(ref) if ref else None)
 
 
 def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -137,4 +159,15 @@ def collate_packed(rows: list[list[ModelSample]], length: int, pad_id: int) -> d
     if vision:
         batch["pixel_values"] = torch.cat(vision, dim=0)
         batch["grid_thw"] = torch.tensor(grids, dtype=torch.long)
+    spoken = [s.speech for row in rows for s in row if s.speech is not None]
+    if spoken:
+        if len(spoken) != sum(len(row) for row in rows):
+            raise ValueError("a batch mixes samples with and without speech")
+        no_rejected = torch.zeros(0, dtype=torch.long)
+        batch["codes"] = torch.cat([s.chosen for s in spoken] + [
+            s.rejected if s.rejected is not None else no_rejected for s in spoken])
+        batch["code_lengths"] = torch.tensor([[len(s.chosen), 0 if s.rejected is None else len(s.rejected)]
+                                             for s in spoken], dtype=torch.long)
+        batch["speakers"] = [s.speaker for s in spoken]
+        batch["ref_logps"] = torch.tensor([s.ref_logps or (float("nan"),) * 2 for s in spoken], dtype=torch.float64)
     return batch

@@ -43,7 +43,6 @@ class ModelConfig:
     compose: ComposeConfig = field(default_factory=ComposeConfig)
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = False
     # Keyword arguments of transformers' Qwen2_5OmniConfig (thinker_config, talker_config, token2wav_config).
     hf_config: dict[str, Any] = field(default_factory=dict)
 
@@ -88,6 +87,13 @@ class TrainerConfig:
     # logits at once (the plain path). Same loss and gradients either way. A tile holds ~12 x 152k bytes per token
     # at its peak (1024: 1.7 GiB).
     logits_chunk: int = 1024
+    # Activation checkpointing (omni_train/activations.py): none | selective (every `checkpoint_every`-th layer) |
+    # full (every layer); `offload_activations` keeps the checkpointed inputs in host memory.
+    checkpointing: str = "none"
+    checkpoint_every: int = 2
+    offload_activations: bool = False
+    # Tokens per tile of the language model's MLPs (DeepSpeed's TiledMLP); 0 runs them whole.
+    mlp_chunk: int = 0
 
 
 @dataclass
@@ -125,6 +131,22 @@ class StageConfig:
     # Glob-style patterns of parameter names that train, or module groups (llm, audio_encoder, vision_encoder,
     # audio_adapter, vision_adapter; omni_train/engine.py GROUPS); everything else is frozen. ["*"] trains all.
     trainable: list[str] = field(default_factory=lambda: ["*"])
+    # What trains (omni_train/talker.py): thinker (next-token LM), talker_sft (next codec token on the frozen
+    # Thinker's states) or talker_dpo (DPO on speech preference triplets).
+    objective: str = "thinker"
+
+
+@dataclass
+class TalkerConfig:
+    # DPO temperature (the paper does not disclose its value; TRL's default).
+    beta: float = 0.1
+    # Weight of the chosen sequence's mean codec cross-entropy added to each triplet's DPO loss (0: pure DPO).
+    sft_weight: float = 0.0
+    # model: a frozen copy of the starting Talker scores the reference log-probs (ZeRO-3-partitioned like the
+    # policy); precomputed: the shards carry them (the on-policy pair builder records them).
+    reference: str = "model"
+    # The speaker a sample without one is spoken by (a key of the model's spk_dict.pt).
+    speaker: str = "Chelsie"
 
 
 @dataclass
@@ -152,6 +174,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    talker: TalkerConfig = field(default_factory=TalkerConfig)
     run_dir: str = "outputs/${stage.name}"
     # none: start fresh (refused if run_dir has checkpoints); auto: newest complete checkpoint in run_dir.
     resume: str = "none"
@@ -184,6 +207,23 @@ def validate(cfg: Config) -> None:
     _check(0 <= t.warmup_steps < t.max_steps, f"trainer.warmup_steps={t.warmup_steps} must lie in [0, max_steps)")
     _check(t.grad_clip >= 0, f"trainer.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     _check(t.logits_chunk >= 0, f"trainer.logits_chunk={t.logits_chunk} must be >= 0 (0: no tiling)")
+    _check(t.checkpointing in ("none", "selective", "full"),
+           f"trainer.checkpointing={t.checkpointing} is not one of none, selective, full")
+    _check(t.checkpoint_every >= 2 or t.checkpointing != "selective",
+           f"trainer.checkpoint_every={t.checkpoint_every} must be >= 2 for selective checkpointing (1 is full)")
+    _check(not t.offload_activations or t.checkpointing != "none",
+           "trainer.offload_activations=true needs trainer.checkpointing=selective or full: only checkpointed "
+           "activations are offloaded")
+    _check(cfg.stage.objective in ("thinker", "talker_sft", "talker_dpo"),
+           f"stage.objective={cfg.stage.objective} is not one of thinker, talker_sft, talker_dpo")
+    if cfg.stage.objective != "thinker":
+        _check(t.sequence_parallel == 1, f"trainer.sequence_parallel={t.sequence_parallel}: the Talker stages run "
+               "without sequence parallelism (their sequences are short); set it to 1")
+        _check(cfg.talker.beta > 0, f"talker.beta={cfg.talker.beta} must be positive")
+        _check(cfg.talker.sft_weight >= 0, f"talker.sft_weight={cfg.talker.sft_weight} must be >= 0")
+        _check(cfg.talker.reference in ("model", "precomputed"),
+               f"talker.reference={cfg.talker.reference} is not one of model, precomputed")
+    _check(t.mlp_chunk >= 0, f"trainer.mlp_chunk={t.mlp_chunk} must be >= 0 (0: no tiling)")
     _check(t.dist_timeout_min > 0, f"trainer.dist_timeout_min={t.dist_timeout_min} must be positive")
     _check(m.dtype in DTYPES, f"model.dtype={m.dtype} is not one of {sorted(DTYPES)}")
     _check(

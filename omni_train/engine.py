@@ -101,6 +101,7 @@ GROUPS = {
     "vision_encoder": ["thinker.model.visual.*"],  # with its adapter
     "audio_adapter": ["thinker.model.audio_tower.proj.*", "thinker.model.audio_tower.ln_post.*"],
     "vision_adapter": ["thinker.model.visual.merger.*"],
+    "talker": ["talker.*"],  # the Talker stages' module (the DPO reference, `reference.*`, never trains)
 }
 
 

@@ -37,9 +37,12 @@ def _state_dict_stream(model: nn.Module):
                 yield scope + name, b.detach().to("cpu", copy=True)
 
 
-def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, rename=None) -> Path | None:
+def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, rename=None, config=None,
+                      architecture: str | None = None, extra: dict[str, object] | None = None) -> Path | None:
     """Write `model` (a transformers PreTrainedModel, possibly ZeRO-3 partitioned) to `out_dir`, each tensor under
     `rename(name)` (the checkpoint layout, e.g. omni_train.keymap.hub_name for the Thinker; default: as named).
+    `config` (default `model.config`) and `architecture` (default the model's class name) go to config.json;
+    `extra` maps file names to objects saved beside the weights with torch.save (e.g. spk_dict.pt).
 
     Collective: every rank must call it. Returns the directory on rank 0, None elsewhere.
     """
@@ -77,8 +80,11 @@ def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer=No
                 (tmp / f"part-{i:05d}.safetensors").rename(tmp / final)
                 weight_map.update(dict.fromkeys(shard, final))
             (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-        model.config.architectures = [type(model).__name__]
-        model.config.save_pretrained(tmp)
+        config = config if config is not None else model.config
+        config.architectures = [architecture or type(model).__name__]
+        config.save_pretrained(tmp)
+        for name, obj in (extra or {}).items():
+            torch.save(obj, tmp / name)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -89,3 +95,20 @@ def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer=No
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return out if rank == 0 else None
+
+
+def export_omni(thinker: nn.Module, talker: nn.Module, token2wav: nn.Module, config, speakers: dict,
+                out_dir: str | os.PathLike, tokenizer=None) -> Path | None:
+    """The full model (Thinker + Talker + Token2Wav, released layout, with its spk_dict.pt) that transformers'
+    `Qwen2_5OmniForConditionalGeneration.from_pretrained` loads. Collective, like export_pretrained."""
+    from omni_train.keymap import hub_name
+    from omni_train.model import SPEAKERS_FILE
+
+    whole = nn.Module()
+    whole.thinker, whole.talker, whole.token2wav = thinker, talker, token2wav
+
+    def rename(name: str) -> str:
+        return "thinker." + hub_name(name[len("thinker."):]) if name.startswith("thinker.") else name
+
+    return export_pretrained(whole, out_dir, tokenizer, rename, config=config,
+                             architecture="Qwen2_5OmniForConditionalGeneration", extra={SPEAKERS_FILE: speakers})

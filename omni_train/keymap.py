@@ -39,13 +39,17 @@ from omni_train.config import ConfigError
 Rules = list[tuple[str, str | None]]
 
 THINKER: Rules = [
-    (r"^(?:talker|token2wav)\.", None),
+    (r"^(?:talker|token2wav|reference)\.", None),
     (r"^(?:thinker\.)?audio_tower\.(.*)", r"model.audio_tower.\1"),
     (r"^(?:thinker\.)?visual\.(.*)", r"model.visual.\1"),
     (r"^(?:thinker\.)?model\.((?:language_model|audio_tower|visual)\..*)", r"model.\1"),
     (r"^(?:thinker\.)?model\.(.*)", r"model.language_model.\1"),
     (r"^(?:thinker\.)?lm_head\.(.*)", r"lm_head.\1"),
 ]
+# The Talker and Token2Wav keep transformers' module names in every layout (released, transformers' save, ours);
+# `reference.` is the frozen DPO reference inside a Talker stage's training checkpoint.
+TALKER: Rules = [(r"^talker\.(.*)", r"\1"), (r".*", None)]
+TOKEN2WAV: Rules = [(r"^token2wav\.(.*)", r"\1"), (r".*", None)]
 LLM: Rules = [(r"^model\.(.*)", r"model.language_model.\1"), (r"^lm_head\.(.*)", r"lm_head.\1")]
 WHISPER: Rules = [
     (r"^(?:model\.)?encoder\.layer_norm\.(.*)", r"model.audio_tower.ln_post.\1"),
@@ -122,6 +126,11 @@ def apply(rules: Rules, keys: dict[str, Path]) -> tuple[dict[str, Source], list[
 def released(path: Path) -> tuple[dict[str, Source], list[str]]:
     """A released Qwen2.5-Omni checkpoint, a transformers-saved Thinker or one of our exports."""
     return apply(THINKER, checkpoint_keys(path))
+
+
+def part(path: Path, rules: Rules) -> dict[str, Source]:
+    """The Talker's or Token2Wav's tensors in a full checkpoint (empty when it has none, e.g. a Thinker export)."""
+    return apply(rules, checkpoint_keys(path))[0]
 
 
 def composition(llm: Path, audio: Path, vision: Path, thinker_config) -> tuple[dict[str, Source], list[str]]:

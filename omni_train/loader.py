@@ -98,6 +98,16 @@ class _SetAside(Exception):
         self.kind = kind
 
 
+SPEECH = ("none", "chosen", "pair")  # what a stage needs of each sample's speech (Thinker, talker_sft, talker_dpo)
+
+
+def _check_speech(sample, need: str) -> None:
+    if need != "none" and sample.speech is None:
+        raise _SetAside("no speech codes (a Talker stage needs them)", f"sample {sample.id} has no speech")
+    if need == "pair" and sample.speech.rejected is None:
+        raise _SetAside("no rejected codes (talker_dpo needs triplets)", f"sample {sample.id} has no rejected codes")
+
+
 @dataclass
 class Position:
     epoch: int = 0
@@ -171,10 +181,10 @@ class SlotStream:
 
     def __init__(self, sources: list[ShardSet], slot: int, slots: int, seed: int, max_len: int, rows: int,
                  chunk_samples: int, pad_id: int, state: LoaderState | None = None, max_bad_samples: int = 100,
-                 resample: bool = False):
+                 resample: bool = False, speech: str = "none"):
         self.sources, self.slot, self.slots, self.seed = sources, slot, slots, seed
         self.max_len, self.rows, self.chunk_samples, self.pad_id = max_len, rows, chunk_samples, pad_id
-        self.max_bad_samples, self.resample = max_bad_samples, resample
+        self.max_bad_samples, self.resample, self.speech = max_bad_samples, resample, speech
         self.state = state or LoaderState({s.name: vars(Position()) for s in sources})
         weights = np.array([s.weight for s in sources], dtype=np.float64)
         if (weights <= 0).any():
@@ -227,7 +237,9 @@ class SlotStream:
             decoded.append([])
             for raw, source, epoch, _ in row:
                 try:
-                    decoded[-1].append(decode_sample(raw))
+                    sample = decode_sample(raw)
+                    _check_speech(sample, self.speech)
+                    decoded[-1].append(sample)
                     kept.append((source, epoch))
                 except Exception as e:  # noqa: BLE001 - a bad media file costs its sample only
                     self._set_aside(skipped, source, e, 1)
@@ -276,8 +288,10 @@ class RankLoader:
     re-dealt to workers so that the round-robin continues where it stopped."""
 
     def __init__(self, sources: list[ShardSet], rank: int, world: int, workers: int, seed: int, max_len: int,
-                 rows: int, chunk_samples: int, pad_id: int, max_bad_samples: int = 100, resample: bool = False):
+                 rows: int, chunk_samples: int, pad_id: int, max_bad_samples: int = 100, resample: bool = False,
+                 speech: str = "none"):
         self.sources, self.rank, self.world, self.workers = sources, rank, world, max(1, workers)
+        self.speech = speech
         self.use_processes = workers > 0
         self.seed, self.max_len, self.rows, self.chunk_samples, self.pad_id = seed, max_len, rows, chunk_samples, pad_id
         self.max_bad_samples, self.resample = max_bad_samples, resample
@@ -287,7 +301,7 @@ class RankLoader:
     def stream(self, local: int) -> SlotStream:
         return SlotStream(self.sources, self.rank * self.workers + local, self.world * self.workers, self.seed,
                           self.max_len, self.rows, self.chunk_samples, self.pad_id, self.states[local],
-                          self.max_bad_samples, self.resample)
+                          self.max_bad_samples, self.resample, self.speech)
 
     def __iter__(self):
         dataset = _Slots(self, self.next_slot)
@@ -316,8 +330,9 @@ class RankLoader:
         self.next_slot = state["next_slot"]
 
 
-def build_rank_loader(cfg, tokenizer, rank: int, world: int, seed: int, rows: int) -> RankLoader:
-    """The loader of one rank from the `data` config group (omni_train.config.DataConfig)."""
+def build_rank_loader(cfg, tokenizer, rank: int, world: int, seed: int, rows: int, speech: str = "none") -> RankLoader:
+    """The loader of one rank from the `data` config group (omni_train.config.DataConfig); `speech` (SPEECH) is
+    what the stage needs of every sample's speech: samples without it are set aside with that reason."""
     sources = [ShardSet.open(s.name, s.path, float(s.weight), tokenizer) for s in cfg.sources]
     return RankLoader(sources, rank, world, cfg.workers, seed, cfg.max_len, rows, cfg.chunk_samples,
-                      tokenizer.pad_token_id, cfg.max_bad_samples, cfg.resample)
+                      tokenizer.pad_token_id, cfg.max_bad_samples, cfg.resample, speech)

@@ -51,16 +51,23 @@ def omni_config(cfg: ModelConfig):
     # (tts_text_*, vision/audio bos), by design; silence that one false alarm.
     with _transformers_log_level(logging.ERROR):
         if raw is None:
-            return Qwen2_5OmniConfig(**_plain(cfg.hf_config))
+            return _with_vision_ids(Qwen2_5OmniConfig(**_plain(cfg.hf_config)))
         if raw.get("model_type") == "qwen2_5_omni":
-            return Qwen2_5OmniConfig.from_pretrained(cfg.path)
+            return _with_vision_ids(Qwen2_5OmniConfig.from_pretrained(cfg.path))
         if raw.get("model_type") == "qwen2_5_omni_thinker":
             # A Thinker export: keep the preset's Talker and Token2Wav, take the Thinker from the checkpoint.
-            return Qwen2_5OmniConfig(**{**_plain(cfg.hf_config), "thinker_config": raw})
+            return _with_vision_ids(Qwen2_5OmniConfig(**{**_plain(cfg.hf_config), "thinker_config": raw}))
     raise ConfigError(
         f"model.path={cfg.path} holds a '{raw.get('model_type')}' checkpoint; expected a Qwen2.5-Omni "
         "('qwen2_5_omni') or Qwen2.5-Omni Thinker ('qwen2_5_omni_thinker') checkpoint"
     )
+
+
+def _with_vision_ids(config):
+    """transformers 5.24's get_rope_index reads these from the Thinker config, which does not define them."""
+    config.thinker_config.vision_start_token_id = 151652
+    config.thinker_config.vision_end_token_id = 151653
+    return config
 
 
 @contextlib.contextmanager
@@ -87,14 +94,17 @@ def _plain(node: Any) -> Any:
     return node
 
 
-def thinker_parameter_names(cfg: ModelConfig) -> list[str]:
-    """Parameter names of the Thinker as the train module sees them (`thinker.` prefix), without weights:
-    the model is built on the meta device, so this is cheap even for the 7B."""
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+def thinker_parameter_names(cfg: ModelConfig, talker: bool = False) -> list[str]:
+    """Parameter names of the Thinker as the train module sees them (`thinker.` prefix), and with `talker` the
+    Talker's (`talker.`), without weights: built on the meta device, so this is cheap even for the 7B."""
+    from transformers import Qwen2_5OmniTalkerForConditionalGeneration, Qwen2_5OmniThinkerForConditionalGeneration
 
-    with torch.device("meta"):
-        model = Qwen2_5OmniThinkerForConditionalGeneration(omni_config(cfg).thinker_config)
-    return [f"thinker.{n}" for n, _ in model.named_parameters()]
+    config = omni_config(cfg)
+    with torch.device("meta"), _transformers_log_level(logging.ERROR):
+        parts = {"thinker": Qwen2_5OmniThinkerForConditionalGeneration(config.thinker_config)}
+        if talker:
+            parts["talker"] = Qwen2_5OmniTalkerForConditionalGeneration(config.talker_config)
+    return [f"{prefix}.{n}" for prefix, model in parts.items() for n, _ in model.named_parameters()]
 
 
 def build_thinker(cfg: ModelConfig, ds_config: dict | None):
@@ -104,9 +114,6 @@ def build_thinker(cfg: ModelConfig, ds_config: dict | None):
     from transformers.integrations import HfDeepSpeedConfig
 
     config = omni_config(cfg).thinker_config
-    # transformers 5.24's get_rope_index reads these, but the Thinker config does not define them.
-    config.vision_start_token_id = 151652
-    config.vision_end_token_id = 151653
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
     # transformers only partitions at construction while an HfDeepSpeedConfig object is alive.
     hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None
@@ -124,6 +131,74 @@ def build_thinker(cfg: ModelConfig, ds_config: dict | None):
                      fresh=keymap.FRESH)
     model._omni_hf_ds_config = hf_ds  # keep the hook alive as long as the model
     return model
+
+
+def weights_dir(cfg: ModelConfig) -> Path | None:
+    """The safetensors directory behind `model.path` (a DeepSpeed checkpoint is consolidated first), or None."""
+    if cfg.path is None:
+        return None
+    return consolidate(Path(cfg.path)) if is_deepspeed_checkpoint(cfg.path) else Path(cfg.path)
+
+
+def build_talker(cfg: ModelConfig, ds_config: dict | None) -> tuple[nn.Module, bool]:
+    """The Talker (transformers' Qwen2_5OmniTalkerForConditionalGeneration), partitioned under ZeRO-3 like the
+    Thinker, with the weights of `model.path` when it holds a Talker; (model, whether weights were loaded). A
+    Thinker-only checkpoint (the Thinker stages' exports) leaves the Talker at its random initialisation."""
+    from transformers import Qwen2_5OmniTalkerForConditionalGeneration
+    from transformers.integrations import HfDeepSpeedConfig
+
+    config = omni_config(cfg).talker_config
+    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
+    hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None
+    with _transformers_log_level(logging.ERROR):  # its config's Thinker ids lie outside the codec vocabulary
+        model = Qwen2_5OmniTalkerForConditionalGeneration._from_config(
+            config, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation)
+    source = weights_dir(cfg)
+    plan = keymap.part(source, keymap.TALKER) if source is not None else {}
+    if plan:
+        load_weights(model, plan, [], origin=str(cfg.path))
+    model._omni_hf_ds_config = hf_ds
+    return model, bool(plan)
+
+
+def build_token2wav(cfg: ModelConfig) -> nn.Module:
+    """Token2Wav (codes -> waveform; not trained here) in fp32 on CPU: `model.path`'s when it has one, else a
+    random initialisation (seeded) of the preset's shape, so that an export is a complete model."""
+    from safetensors import safe_open
+    from transformers import Qwen2_5OmniToken2WavModel
+
+    config = omni_config(cfg).token2wav_config
+    source = weights_dir(cfg)
+    plan = keymap.part(source, keymap.TOKEN2WAV) if source is not None else {}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        # the plain constructor: `_from_config` would partition it under a live ZeRO-3 config (it is not trained)
+        model = Qwen2_5OmniToken2WavModel(config).float()
+    if plan:
+        state = {}
+        for name, src in plan.items():
+            with safe_open(src.file, framework="pt") as f:
+                state[name] = f.get_tensor(src.key).float()
+        model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+SPEAKERS_FILE = "spk_dict.pt"
+
+
+def load_speakers(cfg: ModelConfig, default: str) -> dict[str, dict[str, torch.Tensor | int]]:
+    """The speakers of `model.path` (its spk_dict.pt: {name: {"bos_token": Thinker id, "cond": (1, D), "ref_mel":
+    (1, T, 80)}}, loaded with weights_only=True); without one, `default` alone, with the Talker's text-start token
+    as its bos and a seeded random voice (conditioning vector and reference mel) for Token2Wav."""
+    if cfg.path is not None:
+        for folder in (Path(cfg.path), *Path(cfg.path).parents[:2]):  # an export, or a checkpoint in its run dir
+            if (folder / SPEAKERS_FILE).is_file():
+                return torch.load(folder / SPEAKERS_FILE, weights_only=True)
+    full = omni_config(cfg)
+    generator = torch.Generator().manual_seed(0)
+    return {default: {"bos_token": full.talker_config.tts_text_start_token_id,
+                      "cond": torch.randn(1, full.token2wav_config.dit_config.enc_emb_dim, generator=generator),
+                      "ref_mel": torch.randn(1, 120, full.token2wav_config.dit_config.mel_dim, generator=generator)}}
 
 
 def is_deepspeed_checkpoint(path: str | Path) -> bool:

@@ -53,6 +53,18 @@ class ThinkerLM(nn.Module):
         # > 0: the LM head and its cross-entropy fused, this many labelled tokens at a time (omni_train.head_loss)
         self.head_loss = HeadLoss(thinker.lm_head, logits_chunk) if logits_chunk > 0 else None
 
+    units_name = "label_tokens"
+
+    def units(self, batch: dict) -> float:
+        """What the step's loss is averaged over: the label tokens (targets are labels shifted by one)."""
+        return float(label_tokens(batch["labels"]))
+
+    def step_metrics(self, stats: torch.Tensor) -> dict[str, float]:
+        """Per-condition losses and label counts of a step, from the (2, 4) stats summed over ranks."""
+        cond_loss, cond_tokens = stats.view(2, len(CONDITIONS)).tolist()
+        return {**{f"loss/{name}": total / n for name, total, n in zip(CONDITIONS, cond_loss, cond_tokens) if n},
+                **{f"label_tokens/{name}": int(n) for name, n in zip(CONDITIONS, cond_tokens)}}
+
     def embed(self, input_ids, audio_features=None, audio_lengths=None, pixel_values=None, grid_thw=None):
         model = self.thinker.model
         embeds = model.get_input_embeddings()(input_ids)

@@ -12,17 +12,19 @@ parameter element (2 for bf16/fp16, 4 for fp32), T = micro_batch_size x max_len 
   estimate (`estimate_zero3_model_states_mem_needs`: 18 bytes per parameter in bf16), which a test checks;
 - gathered working set: the largest module's parameters twice (the one computing and the one prefetched);
 - activations of the language model: per token and layer p x (5h + 2kv + 3I) bytes kept for the backward (the
-  inputs of the norms, projections, attention and MLP: h hidden, kv key/value width, I MLP width), or p x h per
-  layer plus one layer's worth with activation checkpointing; attention itself is flash/per-sample (no L x L);
+  inputs of the norms, projections, attention and MLP: h hidden, kv key/value width, I MLP width; the 3I part not
+  kept with `trainer.mlp_chunk`); a checkpointed layer keeps p x h instead (in host memory with
+  `offload_activations`), plus one layer's worth while it is recomputed; `selective` checkpoints every
+  `checkpoint_every`-th layer, `full` all; attention itself is flash/per-sample (no L x L);
+- the largest MLP intermediate: 3 x I x p bytes per token of one layer at once (a tile's with `mlp_chunk`);
 - logits: fp32 logits, their softmax and gradient, 12 x V bytes per labelled token at once: all of a rank's
   tokens on the plain path (the worst case: every token labelled), `trainer.logits_chunk` with tiling;
-- the largest temporary: one layer's MLP intermediate (3 x T x I x p) or the logits, whichever is larger, is
-  already inside the two lines above.
 The encoders' activations are not modelled (they depend on the media mix); leave headroom for them.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -76,11 +78,14 @@ def estimate(cfg: Config) -> dict[str, float]:
     tokens = t.micro_batch_size * cfg.data.max_len / t.sequence_parallel
     h, inter, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
     kv = text.num_key_value_heads * (getattr(text, "head_dim", None) or h // text.num_attention_heads)
-    per_layer = element * (5 * h + 2 * kv + 3 * inter)
-    if cfg.model.gradient_checkpointing:
-        lines["activations (language model)"] = tokens * (element * h * layers + per_layer)
-    else:
-        lines["activations (language model)"] = tokens * per_layer * layers
+    mlp = element * 3 * inter  # per token: gate and up projections, their product
+    kept = element * (5 * h + 2 * kv) + (0 if t.mlp_chunk else mlp)  # per token and layer, for the backward
+    ckpt = {"none": 0, "full": layers, "selective": math.ceil(layers / t.checkpoint_every)}[t.checkpointing]
+    acts = tokens * kept * (layers - ckpt + (1 if ckpt else 0))  # recomputing one checkpointed layer at a time
+    if not t.offload_activations:  # the checkpointed layers' inputs, else in host memory
+        acts += tokens * element * h * ckpt
+    lines["activations (language model)"] = acts
+    lines["largest MLP intermediate"] = (min(tokens, t.mlp_chunk) if t.mlp_chunk else tokens) * mlp
     labelled = min(tokens, t.logits_chunk) if t.logits_chunk > 0 else tokens
     lines["logits (fp32, with softmax and gradient)"] = 12.0 * labelled * text.vocab_size
     return lines
@@ -89,12 +94,12 @@ def estimate(cfg: Config) -> dict[str, float]:
 def report(cfg: Config, gpu_gb: float) -> tuple[str, bool]:
     lines = estimate(cfg)
     total = sum(lines.values())
-    world = cfg.launcher.nnodes * cfg.launcher.nproc_per_node
+    world, t = cfg.launcher.nnodes * cfg.launcher.nproc_per_node, cfg.trainer
     head = (f"memory plan per GPU: model={cfg.model.preset} stage={cfg.stage.name} {cfg.launcher.nnodes} node(s) x "
             f"{cfg.launcher.nproc_per_node} = {world} ranks, micro batch {cfg.trainer.micro_batch_size} x "
             f"{cfg.data.max_len} tokens, sequence parallel {cfg.trainer.sequence_parallel}, "
-            f"{cfg.model.dtype}, checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}, "
-            f"logits_chunk {cfg.trainer.logits_chunk}")
+            f"{cfg.model.dtype}, checkpointing {t.checkpointing}{' (offloaded)' if t.offload_activations else ''}, "
+            f"logits_chunk {t.logits_chunk}, mlp_chunk {t.mlp_chunk}")
     body = [f"  {name:<42} {value / GIB:8.2f} GiB" for name, value in lines.items()]
     fits = total <= gpu_gb * GIB
     tail = (f"  {'total (encoders not counted)':<42} {total / GIB:8.2f} GiB: "

@@ -73,6 +73,7 @@ def _shares(counts: dict[str, float]) -> dict[str, float]:
 def thinker_engine(cfg: Config, world: int, sp=None):
     """The Thinker objective under its DeepSpeed engine, as configured: (engine, ThinkerLM, LR scheduler).
     `sp`: the run's omni_train.attention.SequenceParallel, or None."""
+    from omni_train import activations
     from omni_train.attention import use_packed_attention
     from omni_train.engine import deepspeed_config, freeze, initialize
     from omni_train.model import build_thinker
@@ -80,8 +81,7 @@ def thinker_engine(cfg: Config, world: int, sp=None):
 
     ds_config = deepspeed_config(cfg, world)
     thinker = build_thinker(cfg.model, ds_config)
-    if cfg.model.gradient_checkpointing:
-        thinker.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    activations.apply(thinker, cfg.trainer)
     if sp is not None:
         sp.attach(thinker.model.language_model, cfg.trainer.micro_batch_size, cfg.model.attn_implementation)
     elif cfg.model.attn_implementation == "sdpa":
@@ -92,17 +92,53 @@ def thinker_engine(cfg: Config, world: int, sp=None):
     return engine, module, scheduler
 
 
+def talker_engine(cfg: Config, world: int):
+    """The Talker objective (talker_sft or talker_dpo) under its DeepSpeed engine: (engine, TalkerLM, scheduler).
+    The Thinker is frozen; for DPO a frozen reference Talker with the starting weights joins the module (ZeRO-3
+    partitions it like the rest) unless the shards carry precomputed reference log-probs."""
+    from omni_train.attention import use_packed_attention
+    from omni_train.engine import deepspeed_config, freeze, initialize
+    from omni_train.model import build_talker, build_thinker, load_speakers
+    from omni_train.talker import TalkerLM
+
+    objective = cfg.stage.objective
+    ds_config = deepspeed_config(cfg, world)
+    thinker = build_thinker(cfg.model, ds_config)
+    talker, loaded = build_talker(cfg.model, ds_config)
+    if objective == "talker_dpo" and not loaded:
+        raise ConfigError(f"talker_dpo starts from a trained Talker, but model.path={cfg.model.path} holds none: "
+                          "point it at a talker_sft export (or a released Qwen2.5-Omni checkpoint)")
+    reference = None
+    if objective == "talker_dpo" and cfg.talker.reference == "model":
+        reference, _ = build_talker(cfg.model, ds_config)
+    if cfg.trainer.checkpointing != "none":
+        every = cfg.trainer.checkpoint_every if cfg.trainer.checkpointing == "selective" else 1
+        talker.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                               every_n_layers=every)
+    if cfg.model.attn_implementation == "sdpa":
+        for model in (thinker.model.language_model, talker.model, *([reference.model] if reference else [])):
+            use_packed_attention(model)
+    speakers = {name: int(entry["bos_token"]) for name, entry in load_speakers(cfg.model, cfg.talker.speaker).items()}
+    module = TalkerLM(thinker, talker, objective, speakers, cfg.talker.speaker, reference, cfg.talker.beta,
+                      cfg.talker.sft_weight)
+    freeze(module, list(cfg.stage.trainable))
+    stray = [n for n, p in module.named_parameters() if p.requires_grad and not n.startswith("talker.")]
+    if stray:
+        raise ConfigError(f"a Talker stage trains the Talker only; stage.trainable also matches {stray[:3]}...: "
+                          "use stage.trainable=[talker] (or patterns under talker.)")
+    engine, _, scheduler = initialize(cfg, module, ds_config)
+    return engine, module, scheduler
+
+
 def run(cfg: Config) -> dict:
     """Train one stage as configured; every rank calls it. Returns the stage summary (on every rank)."""
     from omni_train.attention import SequenceParallel
-    from omni_train.batch import CONDITIONS
     from omni_train.engine import init_distributed
     from omni_train.export import export_pretrained
     from omni_train.keymap import hub_name
     from omni_train.loader import build_rank_loader
     from omni_train.metrics import Metrics
     from omni_train.model import param_counts
-    from omni_train.objectives import label_tokens
     from omni_train.plan import warn_if_too_big
     from omni_train.tokenizer import load_tokenizer
 
@@ -125,10 +161,21 @@ def run(cfg: Config) -> dict:
     torch.distributed.barrier()
 
     tokenizer = load_tokenizer(cfg.model.path)
-    loader = build_rank_loader(cfg.data, tokenizer, dp_rank, dp_world, t.seed, rows=t.micro_batch_size)
+    objective = cfg.stage.objective
+    speech = {"thinker": "none", "talker_sft": "chosen", "talker_dpo": "pair"}[objective]
+    loader = build_rank_loader(cfg.data, tokenizer, dp_rank, dp_world, t.seed, rows=t.micro_batch_size,
+                               speech=speech)
     source_names = [s.name for s in cfg.data.sources]
 
-    engine, module, scheduler = thinker_engine(cfg, world, sp)
+    token2wav = None
+    if objective != "thinker" and t.export:
+        from omni_train.model import build_token2wav
+
+        # Built before any ZeRO-3 construction: once DeepSpeed's zero.Init has run in this process, it may still
+        # partition parameters created later (Token2Wav is not trained and must stay whole for the export).
+        token2wav = build_token2wav(cfg.model)
+    engine, module, scheduler = thinker_engine(cfg, world, sp) if objective == "thinker" else \
+        talker_engine(cfg, world)
     counts = param_counts(module)
     local_params = [None] * world
     torch.distributed.all_gather_object(local_params, counts["local"])
@@ -145,6 +192,7 @@ def run(cfg: Config) -> dict:
                  f"{world} ranks, sequence parallel {t.sequence_parallel}, rows of {cfg.data.max_len} tokens")
 
     losses: dict[int, float] = {}
+    history: dict[int, dict[str, float]] = {}
     last_ckpt = resume_from
     real_total = capacity_total = 0.0
     mixture = dict.fromkeys(source_names, 0.0)
@@ -158,14 +206,14 @@ def run(cfg: Config) -> dict:
         # this step and the corrupt samples set aside so far.
         skipped_local = micro[-1].state.skipped
         counts_local = torch.tensor(
-            [sum(label_tokens(mb.batch["labels"]) for mb in micro), sum(mb.real_tokens for mb in micro),
+            [sum(module.units(mb.batch) for mb in micro), sum(mb.real_tokens for mb in micro),
              sum(mb.capacity for mb in micro)]
             + [sum(mb.sources.get(name, 0) for mb in micro) for name in source_names]
             + [sum(n for k, n in skipped_local.items() if k.startswith(f"{name}: ")) for name in source_names],
             dtype=torch.float64,
         ) * counts_data
         torch.distributed.all_reduce(counts_local)
-        step_labels, step_tokens, step_capacity = counts_local[:3].tolist()
+        step_units, step_tokens, step_capacity = counts_local[:3].tolist()
         delivered = counts_local[3 : 3 + len(source_names)].tolist()
         corrupt = dict(zip(source_names, map(int, counts_local[3 + len(source_names) :].tolist())))
         real_total, capacity_total = real_total + step_tokens, capacity_total + step_capacity
@@ -175,33 +223,34 @@ def run(cfg: Config) -> dict:
             metrics.warn(f"corrupt samples set aside so far, by source: {corrupt} (reasons by rank in the "
                          "checkpoint's loader state)")
         corrupt_reported = sum(corrupt.values())
-        # DeepSpeed divides by grad_accum and averages over ranks; this factor turns that into sum / step_labels.
-        scale = world * t.grad_accum / max(step_labels, 1.0)
+        # DeepSpeed divides by grad_accum and averages over ranks; this factor turns that into sum / step_units
+        # (label tokens for the Thinker, codec targets or triplets for the Talker).
+        scale = world * t.grad_accum / max(step_units, 1.0)
         lr = scheduler.get_last_lr()[0]
-        stats = torch.zeros(2, len(CONDITIONS), dtype=torch.float64)
+        stats = None
         loss_sum = torch.zeros(1, dtype=torch.float64)
         for mb in micro:
             micro_loss, micro_stats = engine(**mb.batch)
             engine.backward(micro_loss * scale)
             engine.step()
             loss_sum += micro_loss.detach().double()
-            stats += micro_stats
-        reduced = torch.cat([loss_sum, stats.flatten()])
+            stats = micro_stats.flatten() if stats is None else stats + micro_stats.flatten()
+        reduced = torch.cat([loss_sum, stats])
         torch.distributed.all_reduce(reduced)
-        loss = reduced[0].item() / max(step_labels, 1.0)
-        cond_loss, cond_tokens = reduced[1:].view(2, len(CONDITIONS)).tolist()
+        loss = reduced[0].item() / max(step_units, 1.0)
+        step_extra = module.step_metrics(reduced[1:])
         losses[step] = loss
+        history[step] = step_extra
         peak = torch.tensor([peak_memory_gb()])
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
         elapsed = time.perf_counter() - started
         grad_norm = engine.get_global_grad_norm()
         metrics.log({
             "step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "label_tokens": int(step_labels), "tokens": int(step_tokens), "tokens_per_s": step_tokens / elapsed,
+            module.units_name: int(step_units), "tokens": int(step_tokens), "tokens_per_s": step_tokens / elapsed,
             "step_time_s": elapsed, "packing_efficiency": step_tokens / step_capacity, "peak_mem_gb": peak.item(),
             "epoch": max(e for mb in micro for e in mb.epochs),
-            **{f"loss/{name}": total / n for name, total, n in zip(CONDITIONS, cond_loss, cond_tokens) if n},
-            **{f"label_tokens/{name}": int(n) for name, n in zip(CONDITIONS, cond_tokens)},
+            **step_extra,
             **{f"corrupt/{name}": n for name, n in corrupt.items()},
             **{f"mixture/{name}": share for name, share in _shares(mixture).items()},
         })
@@ -210,8 +259,14 @@ def run(cfg: Config) -> dict:
     batches.close()  # stop the decoding workers now rather than at garbage collection
     metrics.close()
 
-    if t.export:
+    if t.export and objective == "thinker":
         export_pretrained(module.thinker, run_dir / "export", tokenizer, rename=hub_name)
+    elif t.export:
+        from omni_train.export import export_omni
+        from omni_train.model import load_speakers, omni_config
+
+        export_omni(module.thinker, module.talker, token2wav, omni_config(cfg.model),
+                    load_speakers(cfg.model, cfg.talker.speaker), run_dir / "export", tokenizer)
     summary = {
         "steps": t.max_steps,
         "resumed_from_step": start_step,
@@ -224,6 +279,11 @@ def run(cfg: Config) -> dict:
         "local_params_per_rank": local_params,
         "packing_efficiency": real_total / capacity_total if capacity_total else None,
         "mixture": _shares(mixture),
+        "objective": objective,
+        **({"first_reward_accuracy": history[start_step + 1].get("dpo/reward_accuracy"),
+            "last_reward_accuracy": history[t.max_steps].get("dpo/reward_accuracy"),
+            "last_margin": history[t.max_steps].get("dpo/margin")}
+           if objective == "talker_dpo" and t.max_steps in history and start_step + 1 in history else {}),
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "export": str(run_dir / "export") if t.export else None,
     }

@@ -44,7 +44,7 @@ def test_plan_answers_for_each_preset_and_length(preset, length):
 
 def test_tiling_sequence_parallel_and_checkpointing_move_their_lines():
     base = ["model=qwen2_5_omni_7b", "data.max_len=32768", "trainer.micro_batch_size=1", "launcher.nproc_per_node=8",
-            "model.gradient_checkpointing=false"]
+            "trainer.checkpointing=none"]
     plain = estimate(compose([*base, "trainer.logits_chunk=0"]))
     tiled = estimate(compose([*base, "trainer.logits_chunk=1024"]))
     logits = "logits (fp32, with softmax and gradient)"
@@ -52,5 +52,12 @@ def test_tiling_sequence_parallel_and_checkpointing_move_their_lines():
     split = estimate(compose([*base, "trainer.sequence_parallel=4"]))
     acts = "activations (language model)"
     assert split[acts] == pytest.approx(tiled[acts] / 4)
-    recomputed = estimate(compose([*base, "model.gradient_checkpointing=true"]))
+    recomputed = estimate(compose([*base, "trainer.checkpointing=full"]))
     assert recomputed[acts] < tiled[acts] / 5
+    selective = estimate(compose([*base, "trainer.checkpointing=selective", "trainer.checkpoint_every=2"]))
+    assert recomputed[acts] < selective[acts] < tiled[acts]
+    offloaded = estimate(compose([*base, "trainer.checkpointing=full", "trainer.offload_activations=true"]))
+    assert offloaded[acts] < recomputed[acts]
+    mlp = "largest MLP intermediate"
+    mlp_tiled = estimate(compose([*base, "trainer.mlp_chunk=4096"]))
+    assert mlp_tiled[mlp] == tiled[mlp] / 8 and mlp_tiled[acts] < tiled[acts]

@@ -32,13 +32,13 @@ def test_stage1_adapters_train_only_the_projections():
                          for n in train)
 
 
-@pytest.mark.parametrize("stage, max_len, checkpointing", [("stage2_multimodal", 8192, False),
-                                                            ("stage3_long", 32768, True)])
+@pytest.mark.parametrize("stage, max_len, checkpointing", [("stage2_multimodal", 8192, "none"),
+                                                            ("stage3_long", 32768, "full")])
 def test_later_stages_train_everything_at_their_lengths(stage, max_len, checkpointing):
     train, frozen = _trainable(stage)
     assert not frozen
     cfg = compose([f"stage={stage}"])
-    assert (cfg.data.max_len, cfg.model.gradient_checkpointing) == (max_len, checkpointing)
+    assert (cfg.data.max_len, cfg.trainer.checkpointing) == (max_len, checkpointing)
 
 
 def test_module_groups_and_patterns_mix_and_a_typo_is_named():

@@ -3,7 +3,7 @@
 Runs one ZeRO-3 forward + backward of the Thinker on a fixed packed batch (2 rows; by default every kind of
 sample: speech, image, video with its audio, video, image + speech, text) with `--sp` ranks sharing each row, the loss scaled as
 the training loop scales it. Rank 0 writes OUT: the loss per label token, the per-condition stats and every full
-gradient (gathered from the ZeRO-3 partitions). `--control` replaces the per-sample attention core with plain
+gradient (gathered from the ZeRO-3 partitions). `--override` passes config overrides (checkpointing, MLP tiling). `--control` replaces the per-sample attention core with plain
 causal SDPA over the gathered row (what DeepSpeed's own transformers wrapper runs), which must change the result.
 """
 
@@ -49,11 +49,13 @@ def main() -> None:
     parser.add_argument("--control", action="store_true")
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated sample id prefixes")
     parser.add_argument("--rows", type=int, default=2, help="rows in the batch (micro_batch_size stays 2)")
+    parser.add_argument("--override", action="append", default=[], help="a config override (repeatable)")
     args = parser.parse_args()
 
     import deepspeed
 
     from launch.cli import compose
+    from omni_train import activations
     from omni_train.attention import SequenceParallel, use_packed_attention
     from omni_train.engine import (
         deepspeed_config,
@@ -64,17 +66,20 @@ def main() -> None:
     from omni_train.model import build_thinker
     from omni_train.objectives import ThinkerLM, label_tokens
 
-    cfg = compose([f"model.path={args.model}", "trainer.micro_batch_size=2", f"trainer.sequence_parallel={args.sp}"])
+    cfg = compose([f"model.path={args.model}", "trainer.micro_batch_size=2", f"trainer.sequence_parallel={args.sp}",
+                   *args.override])
     rank, world = init_distributed(timeout_min=2.0)
     sp = SequenceParallel(args.sp) if args.sp > 1 else None
     ds_config = deepspeed_config(cfg, world)
     thinker = build_thinker(cfg.model, ds_config)
+    activations.apply(thinker, cfg.trainer)
     if sp is not None:
         sp.attach(thinker.model.language_model, 2, causal_over_row if args.control else "sdpa")
     else:
         use_packed_attention(thinker.model.language_model)
     module = ThinkerLM(thinker, sp, cfg.trainer.logits_chunk)
     engine, _, _ = initialize(cfg, module, ds_config)
+    engine.train()
 
     batch = fixed_batch(args.shards, tuple(args.kinds.split(",")), args.rows)
     labels = label_tokens(batch["labels"])  # the whole row's labels, counted once (as the loop does)

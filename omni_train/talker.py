@@ -1,0 +1,284 @@
+"""The Talker's training objectives: next-codec-token cross-entropy (`talker_sft`) and DPO on speech preference
+triplets (`talker_dpo`), both on the frozen Thinker's hidden states.
+
+Owns: the Talker's input layout for teacher forcing, exactly as transformers' `Qwen2_5OmniForConditionalGeneration.
+generate` assembles it at inference (a test compares our logits with the ones its generation loop computes), and
+the losses. For one sample (a conversation whose last assistant turn is the spoken response, tokens t_0..t_{m-1}
+then <|im_end|>; P prompt tokens before t_0; codec ids c_0..c_{T-1}), the Talker reads P + 2 + T positions:
+
+  position         text track (Thinker width)                         codec track            target
+  0 .. P-1         hidden_p + embed_p (media positions' embed zeroed)  - (mask id, not embedded)  -
+  P                embed(speaker's text bos)                           embed(codec pad 8292)  -
+  P + 1            hidden(t_0) + embed(t_0)                            embed(codec bos 8293)  c_0
+  P + 2 + k        reply[k]                                            embed(c_k)             c_{k+1} (eos 8294 after c_{T-1})
+
+where hidden is the Thinker's last hidden state (after its final norm), embed its input embedding, and reply =
+[hidden + embed of t_1..t_{m-1}, embed(tts_text_eos 151861), then embed(tts_text_pad 151859) for ever]: one text
+token per codec step, no alignment (the "dual track"). Positions: the prompt's TMRoPE positions, then one text
+position per step after their maximum. This is transformers' padded-batch path (an attention mask reaches the
+Talker, which then adds the codec pad/bos embeddings and computes TMRoPE positions); its `generate` drops an
+all-ones mask, so an unpadded batch at inference gets neither (see SPEC.md). We train on the design's layout.
+
+The Thinker runs once per micro-batch (no gradient) on the packed rows as the Thinker objective sees them; every
+Talker sequence of the micro-batch (per sample: the chosen codes, and for DPO the rejected codes too, sharing that
+one Thinker pass) is laid end to end in one row with per-sequence positions, so the Talker's attention stays inside
+each sequence (omni_train.attention's per-sample core). The codec vocabulary is 8,448 wide: its logits are formed
+whole, in fp32 (a 4k-position row holds 140 MB of them).
+
+DPO (the paper's Talker stage 2; TRL's sigmoid loss, a test checks ours against TRL's): per triplet
+  loss = -log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))) + sft_weight * mean CE of the chosen codes,
+with pi/ref the sums of the codec log-probs (targets above, eos included) under the policy and the frozen reference
+Talker (a ZeRO-3-partitioned copy, or log-probs precomputed into the shards). At step 0 the policy is the reference
+and the loss is ln 2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data_prep.chatml import IGNORE
+from data_prep.layout import AUDIO, IMAGE, VIDEO
+from omni_train.objectives import ThinkerLM
+
+OBJECTIVES = ("thinker", "talker_sft", "talker_dpo")
+
+
+@dataclass(frozen=True)
+class CodecIds:
+    """The Talker config's special ids: codec track (pad, bos, eos) and the Thinker tokens of the text track."""
+
+    pad: int
+    bos: int
+    eos: int
+    text_eos: int
+    text_pad: int
+
+    @classmethod
+    def of(cls, talker_config) -> CodecIds:
+        c = talker_config
+        return cls(c.tts_codec_pad_token_id, c.tts_codec_start_token_id, c.tts_codec_end_token_id,
+                   c.tts_text_end_token_id, c.tts_text_pad_token_id)
+
+
+def response_span(labels: torch.Tensor) -> tuple[int, int]:
+    """(P, m) of one sample: the spoken response is the last labelled span (the last assistant turn: m text tokens
+    then <|im_end|>), starting after P prompt tokens."""
+    labelled = (labels != IGNORE).nonzero().flatten()
+    if labelled.numel() == 0:
+        raise ValueError("a Talker sample needs an assistant turn to speak; this one has no labelled token")
+    end = int(labelled[-1]) + 1
+    start = end - 1
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    if end - start < 2:
+        raise ValueError("the spoken response is empty (only <|im_end|>)")
+    return start, end - start - 1
+
+
+def talker_sequence(hidden: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor, prompt: int, reply: int,
+                    codes: torch.Tensor, bos_embed: torch.Tensor, eos_embed: torch.Tensor, pad_embed: torch.Tensor,
+                    ids: CodecIds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Talker sequence (layout in the module docstring) from one sample's Thinker outputs.
+
+    hidden, embeds: (L, H) of the sample (embeds with media positions zeroed); positions: (3, L) TMRoPE; prompt = P,
+    reply = m; codes: (T,). Returns text track (P + 2 + T, H), codec track ids (P + 2 + T,; -1 where nothing is
+    embedded), 3-D positions (3, P + 2 + T) and targets (P + 2 + T,; IGNORE where none)."""
+    p, t = prompt, codes.numel()
+    spoken = hidden[p:p + reply] + embeds[p:p + reply]  # t_0 .. t_{m-1}
+    steps = t  # text entries the codec steps c_0 .. c_{T-1} read: reply[0 .. T-1]
+    tail = torch.cat([spoken[1:], eos_embed[None]])
+    if tail.shape[0] < steps:
+        tail = torch.cat([tail, pad_embed[None].expand(steps - tail.shape[0], -1)])
+    text = torch.cat([hidden[:p] + embeds[:p], bos_embed[None], spoken[:1], tail[:steps]])
+    codec = torch.cat([codes.new_full((p,), -1), codes.new_tensor([ids.pad, ids.bos]), codes])
+    start = positions[:, :p].max() + 1
+    after = torch.arange(2 + t, device=positions.device) + start
+    pos = torch.cat([positions[:, :p], after.expand(3, -1)], dim=1)
+    targets = torch.cat([codes.new_full((p + 1,), IGNORE), codes, codes.new_tensor([ids.eos])])
+    return text, codec, pos, targets
+
+
+def dpo_sigmoid_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                     ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-triplet sigmoid DPO loss and the chosen / rejected rewards (TRL's "sigmoid", reverse KL, no smoothing)."""
+    chosen, rejected = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    return -F.logsigmoid(beta * (chosen - rejected)), beta * chosen.detach(), beta * rejected.detach()
+
+
+# Entries of TalkerLM's per-micro-batch stats vector (sums over this rank's triplets or sequences).
+STATS = ("loss", "units", "sft_loss", "sft_tokens", "dpo_loss", "correct", "margin", "reward_chosen",
+         "reward_rejected", "logp_chosen", "logp_rejected", "triplets")
+
+
+class TalkerLM(ThinkerLM):
+    """The Talker's objective on top of the frozen Thinker (inherits the Thinker's ZeRO-3-safe media embedding).
+
+    Submodules (parameter name prefixes): `thinker.` (frozen), `talker.` (trained), and for DPO `reference.` (the
+    frozen reference Talker; absent when the shards carry precomputed reference log-probs).
+
+    forward takes the packed Thinker batch plus, per sample in order: `codes` (all chosen sequences, then all
+    rejected ones, concatenated), `code_lengths` (n, 2; rejected 0 for SFT), `speaker_bos` (n,) and optionally
+    `ref_logps` (n, 2). It returns (loss sum, stats): the loss summed over this rank's units (codec targets for
+    SFT, triplets for DPO) and a float64 vector of STATS sums, for the loop to normalise across ranks."""
+
+    def __init__(self, thinker: nn.Module, talker: nn.Module, objective: str, speakers: dict[str, int],
+                 default_speaker: str, reference: nn.Module | None = None, beta: float = 0.1, sft_weight: float = 0.0):
+        super().__init__(thinker)
+        if objective not in ("talker_sft", "talker_dpo"):
+            raise ValueError(f"TalkerLM objective must be talker_sft or talker_dpo, got {objective}")
+        if default_speaker not in speakers:
+            raise ValueError(f"talker.speaker={default_speaker} is not among the model's speakers {sorted(speakers)}")
+        self.talker, self.reference, self.objective = talker, reference, objective
+        self.speakers, self.default_speaker = speakers, default_speaker
+        self.beta, self.sft_weight = beta, sft_weight
+        self.ids = CodecIds.of(talker.config)
+        self.units_name = "codec_tokens" if objective == "talker_sft" else "triplets"
+
+    def units(self, batch: dict) -> float:
+        """What the step's loss is averaged over: codec targets (SFT: codes + eos) or triplets (DPO)."""
+        lengths = batch["code_lengths"]
+        return float((lengths[:, 0] + 1).sum()) if self.objective == "talker_sft" else float(lengths.shape[0])
+
+    def step_metrics(self, stats: torch.Tensor) -> dict[str, float]:
+        return step_metrics(stats.tolist())
+
+    def speaker_bos(self, speakers: list[str | None], device) -> torch.Tensor:
+        unknown = sorted({s for s in speakers if s is not None and s not in self.speakers})
+        if unknown:
+            raise ValueError(f"speakers {unknown} are not in the model's spk_dict.pt ({sorted(self.speakers)})")
+        return torch.tensor([self.speakers[s or self.default_speaker] for s in speakers], device=device)
+
+    def _thinker_states(self, input_ids, position_ids, audio_features, audio_lengths, pixel_values, grid_thw):
+        """The Thinker's last hidden states and input embeddings (media positions zeroed), without gradient."""
+        with torch.no_grad():
+            embeds = self.embed(input_ids, audio_features, audio_lengths, pixel_values, grid_thw)
+            hidden = self.thinker.model.language_model(
+                inputs_embeds=embeds, position_ids=position_ids, use_cache=False).last_hidden_state
+            media = (input_ids == AUDIO) | (input_ids == IMAGE) | (input_ids == VIDEO)
+            return hidden, embeds.masked_fill(media.unsqueeze(-1), 0.0)
+
+    def sequences(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All Talker sequences of a micro-batch in one row: (text track (1, N, H), codec ids (1, N), positions
+        (4, 1, N), targets (1, N), sequence index per position (N,)); chosen sequences first, then rejected."""
+        input_ids, labels, positions = batch["input_ids"], batch["labels"], batch["position_ids"]
+        hidden, embeds = self._thinker_states(input_ids, positions, batch.get("audio_features"),
+                                              batch.get("audio_lengths"), batch.get("pixel_values"),
+                                              batch.get("grid_thw"))
+        lengths = batch["code_lengths"]
+        table = self.thinker.model.get_input_embeddings()
+        with torch.no_grad():
+            specials = table(torch.cat([torch.tensor([self.ids.text_eos, self.ids.text_pad], device=input_ids.device),
+                                        batch["speaker_bos"]]))
+        eos_embed, pad_embed, bos_embeds = specials[0], specials[1], specials[2:]
+        codes = batch["codes"].split(lengths.t().flatten().tolist())  # chosen of every sample, then rejected
+        n = lengths.shape[0]
+        samples = _samples(positions[0], labels)
+        if len(samples) != n:
+            raise ValueError(f"the batch holds {len(samples)} samples but speech for {n}")
+        parts = []
+        for kind in range(2 if self.objective == "talker_dpo" else 1):
+            for i, (r, a, b) in enumerate(samples):
+                p, m = response_span(labels[r, a:b])
+                parts.append(talker_sequence(hidden[r, a:b], embeds[r, a:b], positions[1:, r, a:b], p, m,
+                                             codes[kind * n + i], bos_embeds[i], eos_embed, pad_embed, self.ids))
+        text = torch.cat([x[0] for x in parts])
+        codec, pos, targets = (torch.cat([x[k] for x in parts], dim=-1) for k in (1, 2, 3))
+        text_pos = torch.cat([torch.arange(x[0].shape[0], device=text.device) for x in parts])
+        index = torch.cat([torch.full((x[0].shape[0],), j, device=text.device) for j, x in enumerate(parts)])
+        return (text[None], codec[None], torch.cat([text_pos[None], pos])[:, None], targets[None], index)
+
+    def codec_logits(self, talker: nn.Module, text: torch.Tensor, codec: torch.Tensor, positions: torch.Tensor,
+                     keep: torch.Tensor) -> torch.Tensor:
+        """fp32 codec logits of `talker` (policy or reference) at the `keep` positions of the row (text track plus
+        the embedded codec track, through the Talker's projection, decoder and head)."""
+        inputs = text + torch.where((codec >= 0)[..., None],
+                                    talker.get_input_embeddings()(codec.clamp(min=0)), 0.0).to(text.dtype)
+        hidden = talker.model(inputs_embeds=talker.thinker_to_talker_proj(inputs), position_ids=positions,
+                              use_cache=False).last_hidden_state
+        return talker.codec_head(hidden[keep]).float()
+
+    def token_logps(self, talker: nn.Module, text: torch.Tensor, codec: torch.Tensor, positions: torch.Tensor,
+                    targets: torch.Tensor) -> torch.Tensor:
+        """log p(target) at every labelled position of the row, under `talker`."""
+        keep = targets != IGNORE
+        return -F.cross_entropy(self.codec_logits(talker, text, codec, positions, keep), targets[keep],
+                                reduction="none")
+
+    def forward(self, input_ids, labels, position_ids, conditions, codes, code_lengths, speakers,
+                ref_logps=None, audio_features=None, audio_lengths=None, pixel_values=None, grid_thw=None):
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "codes": codes,
+                 "code_lengths": code_lengths, "speaker_bos": self.speaker_bos(speakers, input_ids.device),
+                 "audio_features": audio_features,
+                 "audio_lengths": audio_lengths, "pixel_values": pixel_values, "grid_thw": grid_thw}
+        text, codec, positions, targets, index = self.sequences(batch)
+        keep = targets[0] != IGNORE
+        seq = index[keep]
+        logp = self.token_logps(self.talker, text, codec, positions, targets)
+        count = int(index.max()) + 1
+        per_seq = torch.zeros(count, dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)
+        tokens = torch.zeros(count, dtype=logp.dtype, device=logp.device).index_add(0, seq, torch.ones_like(logp))
+        stats = dict.fromkeys(STATS, 0.0)
+        n = code_lengths.shape[0]
+        if self.objective == "talker_sft":
+            loss = -per_seq.sum()
+            stats.update(loss=loss.item(), units=tokens.sum().item(), sft_loss=loss.item(),
+                         sft_tokens=tokens.sum().item())
+            return loss, _vector(stats)
+        # Whether the reference runs is a configuration choice, never a per-batch one: under ZeRO-3 every rank
+        # must gather the reference's parameters in the same micro-batches.
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logp = self.token_logps(self.reference, text, codec, positions, targets)
+                ref = torch.zeros_like(per_seq).index_add(0, seq, ref_logp)
+        elif ref_logps is None or torch.isnan(ref_logps).any():
+            raise ValueError("talker.reference=precomputed, but a sample of this batch has no reference log-probs "
+                             "in its shard: run `omni-prep ref-logps` on the shards, or use talker.reference=model")
+        else:
+            ref = ref_logps.to(per_seq.dtype).t().flatten()
+        dpo, reward_w, reward_l = dpo_sigmoid_loss(per_seq[:n], per_seq[n:], ref[:n], ref[n:], self.beta)
+        sft = -per_seq[:n] / tokens[:n]  # mean CE of each chosen sequence
+        loss = (dpo + self.sft_weight * sft).sum()
+        stats.update(loss=loss.item(), units=n, sft_loss=(-per_seq[:n]).sum().item(), sft_tokens=tokens[:n].sum().item(),
+                     dpo_loss=dpo.sum().item(), correct=(reward_w > reward_l).sum().item(),
+                     margin=(reward_w - reward_l).sum().item(), reward_chosen=reward_w.sum().item(),
+                     reward_rejected=reward_l.sum().item(), logp_chosen=per_seq[:n].sum().item(),
+                     logp_rejected=per_seq[n:].sum().item(), triplets=n)
+        return loss, _vector(stats)
+
+
+def _vector(stats: dict[str, float]) -> torch.Tensor:
+    return torch.tensor([stats[k] for k in STATS], dtype=torch.float64)
+
+
+def step_metrics(stats: list[float]) -> dict[str, float]:
+    """The logged metrics of one optimizer step from the STATS sums over all ranks and micro-batches."""
+    s = dict(zip(STATS, stats))
+    out = {"codec_tokens": int(s["sft_tokens"])}
+    if s["sft_tokens"]:
+        out["sft/loss"] = s["sft_loss"] / s["sft_tokens"]
+    if s["triplets"]:
+        n = s["triplets"]
+        out.update({"dpo/loss": s["dpo_loss"] / n, "dpo/reward_accuracy": s["correct"] / n,
+                    "dpo/margin": s["margin"] / n, "dpo/reward_chosen": s["reward_chosen"] / n,
+                    "dpo/reward_rejected": s["reward_rejected"] / n, "dpo/logp_chosen": s["logp_chosen"] / n,
+                    "dpo/logp_rejected": s["logp_rejected"] / n, "triplets": int(n)})
+    return out
+
+
+def _samples(text_positions: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every sample with labels in a packed batch, row by row (padding "samples" skipped)."""
+    out = []
+    for r in range(text_positions.shape[0]):
+        starts = (text_positions[r] == 0).nonzero().flatten().tolist() + [text_positions.shape[1]]
+        for a, b in zip(starts[:-1], starts[1:]):
+            if (labels[r, a:b] != IGNORE).any():
+                out.append((r, a, b))
+    return out
+
+
+LN2 = math.log(2.0)

@@ -1,0 +1,165 @@
+"""The Talker's training forward against transformers' own generation loop, and the DPO loss against TRL's.
+
+Equality: a tiny random Qwen2_5OmniForConditionalGeneration generates (Thinker text, then Talker codes) for a
+left-padded batch of two prompts, one with a speech clip (so the attention mask reaches the Talker and it takes the
+design's path: codec pad/bos embeddings, TMRoPE positions). We record the codec logits its loop computes at every
+step and the codes it fed back; our teacher-forced forward on the same conversation, response and codes must give
+the same logits at every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from data_prep.chatml import IGNORE, encode
+from data_prep.layout import Media
+from omni_train.attention import use_packed_attention
+from omni_train.config import ModelConfig
+from omni_train.features import log_mel
+from omni_train.model import omni_config
+from omni_train.talker import TalkerLM, dpo_sigmoid_loss, response_span
+from omni_train.tokenizer import load_tokenizer
+from tests.conftest import REPO
+
+SPEAKER_BOS = 151860
+IM_END, NEWLINE = 151645, 198
+
+
+@functools.cache
+def _full_model():
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    preset = OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")
+    config = omni_config(ModelConfig(preset="tiny", hf_config=OmegaConf.to_container(preset.hf_config)))
+    torch.manual_seed(0)
+    model = Qwen2_5OmniForConditionalGeneration._from_config(config).eval()
+    model.speaker_map = {"Chelsie": {"bos_token": SPEAKER_BOS, "cond": torch.randn(1, 16),
+                                     "ref_mel": torch.randn(1, 60, 80)}}
+    return model
+
+
+GRID = (1, 4, 6)  # one image of 56 x 84 pixels: 6 tokens whose TMRoPE height/width ids differ from plain text's
+
+
+def _prompt(with_media: bool):
+    """Prompt ids, TMRoPE positions, log-mel features and pixel rows of a one-turn conversation (a speech clip and
+    an image when `with_media`), laid out by our data path."""
+    rng = np.random.default_rng(3)
+    wave = (0.1 * np.sin(np.arange(20800) * 0.07) + 0.01 * rng.standard_normal(20800)).astype(np.float32)
+    content = [{"type": "audio", "audio": "clip.wav"}, {"type": "image", "image": "photo.jpg"},
+               {"type": "text", "text": "Say it back."}] if with_media else "Tell me something nice."
+    messages = [{"role": "user", "content": content}, {"role": "assistant", "content": "x"}]
+    media = [Media("audio", audio_samples=wave.size), Media("image", grid_thw=GRID)] if with_media else []
+    enc = encode(messages, load_tokenizer(), media)
+    p, _ = response_span(torch.from_numpy(enc["labels"]))
+    if not with_media:
+        return torch.from_numpy(enc["input_ids"][:p]), torch.from_numpy(enc["position_ids"][:, :p]), None, None
+    pixels = torch.from_numpy(rng.standard_normal((GRID[1] * GRID[2], 1176)).astype(np.float32))
+    return (torch.from_numpy(enc["input_ids"][:p]), torch.from_numpy(enc["position_ids"][:, :p]), log_mel(wave),
+            pixels)
+
+
+def _generate(model, prompts):
+    """transformers' generate on a left-padded batch; per row: generated text, codes fed back, step logits."""
+    width = max(len(p[0]) for p in prompts)
+    ids = torch.full((len(prompts), width), 151643)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, (p, *_) in enumerate(prompts):
+        ids[b, width - len(p):], mask[b, width - len(p):] = p, 1
+    feats = [f for _, _, f, _ in prompts if f is not None]
+    pixels = torch.cat([x for *_, x in prompts if x is not None])
+    frames = max(f.shape[1] for f in feats)
+    features = torch.stack([F.pad(f, (0, frames - f.shape[1])) for f in feats])
+    feature_mask = torch.stack([(torch.arange(frames) < f.shape[1]).long() for f in feats])
+    logits, fed = [], []
+    talker = model.talker
+    hooks = [talker.codec_head.register_forward_hook(lambda m, i, o: logits.append(o.detach().float())),
+             talker.register_forward_pre_hook(lambda m, a, k: fed.append(k.get("input_ids")), with_kwargs=True)]
+    try:
+        torch.manual_seed(0)
+        sequences, _ = model.generate(input_ids=ids, attention_mask=mask, input_features=features,
+                                      feature_attention_mask=feature_mask, pixel_values=pixels,
+                                      image_grid_thw=torch.tensor([GRID]), talker_pixel_values=None,
+                                      thinker_max_new_tokens=6,
+                                      thinker_do_sample=False, talker_max_new_tokens=10, talker_do_sample=False,
+                                      speaker="Chelsie")
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    for b in range(len(prompts)):
+        step_logits = [logits[0][b, -1]] + [x[b, -1] for x in logits[1:]]
+        codes = [int(x[b, 0]) for x in fed[1:]]  # the code fed back at decode step j is c_{j-1}
+        stop = next((j for j, c in enumerate(codes) if c in (8292, 8294)), len(codes))
+        rows.append((sequences[b, width:], torch.tensor(codes[:stop]), torch.stack(step_logits[:stop + 1])))
+    return rows
+
+
+def _batch(prompt_ids, prompt_pos, features, pixels, reply, codes):
+    """Our packed batch for one sample: prompt + response tokens + <|im_end|> + newline, labels on the response."""
+    ids = torch.cat([prompt_ids, reply, torch.tensor([IM_END, NEWLINE])])
+    p, n = len(prompt_ids), len(ids)
+    labels = torch.full((n,), IGNORE)
+    labels[p:p + len(reply) + 1] = ids[p:p + len(reply) + 1]
+    after = prompt_pos.max() + 1 + torch.arange(n - p)
+    pos = torch.cat([prompt_pos, after.expand(3, -1)], dim=1)
+    batch = {"input_ids": ids[None], "labels": labels[None],
+             "position_ids": torch.cat([torch.arange(n)[None], pos])[:, None],
+             "conditions": torch.zeros(1, n, dtype=torch.uint8), "codes": codes,
+             "code_lengths": torch.tensor([[len(codes), 0]]), "speaker_bos": torch.tensor([SPEAKER_BOS])}
+    if features is not None:
+        batch.update(audio_features=features, audio_lengths=torch.tensor([features.shape[1]]), pixel_values=pixels,
+                     grid_thw=torch.tensor([GRID]))
+    return batch
+
+
+def test_training_logits_equal_transformers_generation_step_by_step():
+    model = copy.deepcopy(_full_model())
+    prompts = [_prompt(with_media=False), _prompt(with_media=True)]
+    assert not torch.equal(prompts[1][1][1], prompts[1][1][0]), "the image gives height ids unlike the time ids"
+    generated = _generate(model, prompts)
+    use_packed_attention(model.thinker.model.language_model)
+    use_packed_attention(model.talker.model)
+    objective = TalkerLM(model.thinker, model.talker, "talker_sft", {"Chelsie": SPEAKER_BOS}, "Chelsie").eval()
+    compared = 0
+    for (prompt_ids, prompt_pos, features, pixels), (text, codes, want) in zip(prompts, generated):
+        assert len(codes) >= 3, "the loop stopped too early to compare anything"
+        # transformers speaks the text up to the Thinker's last generated token, exclusive (see omni_train.talker)
+        batch = _batch(prompt_ids, prompt_pos, features, pixels, text[:-1], codes)
+        with torch.no_grad():
+            row = objective.sequences(batch)
+            text_track, codec, positions, targets, _ = row
+            got = objective.codec_logits(model.talker, text_track, codec, positions, targets != IGNORE)
+        assert got.shape == (len(codes) + 1, 8448) and want.shape == got.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+        compared += len(codes) + 1
+        if features is not None:  # control: plain positions (what an unpadded batch gets at inference) differ
+            plain = positions.clone()
+            plain[1:] = torch.arange(positions.shape[-1])
+            with torch.no_grad():
+                off = objective.codec_logits(model.talker, text_track, codec, plain, targets != IGNORE)
+            assert (off - want).abs().max() > 1e-5
+    assert compared >= 8
+
+
+def test_response_span_finds_the_last_assistant_turn():
+    labels = torch.tensor([IGNORE, 5, 6, IGNORE, IGNORE, 7, 8, 9, IM_END, IGNORE])
+    assert response_span(labels) == (5, 3)
+    with pytest.raises(ValueError, match="no labelled token"):
+        response_span(torch.full((4,), IGNORE))
+
+
+def test_dpo_loss_is_ln2_when_policy_equals_reference_and_equals_trl():
+    torch.manual_seed(0)
+    policy_w, policy_l = -torch.rand(6) * 50, -torch.rand(6) * 50
+    loss, reward_w, reward_l = dpo_sigmoid_loss(policy_w, policy_l, policy_w.clone(), policy_l.clone(), beta=0.1)
+    torch.testing.assert_close(loss, torch.full((6,), math.log(2.0)), rtol=0, atol=1e-7)
+    assert (reward_w == 0).all() and (reward_l == 0).all()
