@@ -1,11 +1,14 @@
-"""`omni-demo`: the whole pipeline that exists today, on the tiny model and the sample corpus, 2 CPU processes.
+"""`omni-demo`: the whole pipeline, on the tiny model and the sample corpus, 2 CPU processes.
 
 Owns: the order of the demo's stages and `outputs/demo/summary.json` ({"stages": {NAME: {...}}} in the order the
 stages ran, plus "data" for preparation and "init" for the composed sources). Each step is what a user would type
 (`omni-prep sample`, `omni-prep build`, `omni-launch ...`); the demo adds nothing the command line cannot do.
-Today: sample corpus -> media and text shards -> tiny stand-ins for Qwen2.5 / Whisper / Qwen2.5-VL -> stage 1 (composed Thinker,
-LLM frozen) -> stage 2 (everything) -> stage 3 (32k rows, 2 ranks sharing each row by sequence parallelism)
--> Thinker SFT, each stage starting from the previous stage's export, all under ZeRO-3.
+Sample corpus -> media, text and speech-triplet shards -> tiny stand-ins for Qwen2.5 / Whisper / Qwen2.5-VL ->
+stage 1 (composed Thinker, LLM frozen) -> stage 2 (everything) -> stage 3 (32k rows, 2 ranks sharing each row by
+sequence parallelism) -> Thinker SFT -> Talker SFT (codec continuation on the frozen Thinker) -> Talker DPO (speech
+triplets), each stage starting from the previous stage's export, all under ZeRO-3; the last export is a full
+Qwen2.5-Omni (Thinker, Talker, Token2Wav, spk_dict.pt) that transformers' `Qwen2_5OmniForConditionalGeneration`
+loads.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from omni_train.tiny_sources import write_tiny_sources
 # conf/data/sample.yaml names both sources (weight 1 each); stages 1 and 2 choose their own mixture.
 MEDIA = "{name:media,path:outputs/demo/shards/media,weight:%s}"
 TEXT = "{name:text,path:outputs/demo/shards/text,weight:%s}"
+TRIPLETS = "[{name:triplets,path:outputs/demo/shards/triplets}]"
 STAGES = [
     # (stage preset, overrides of its own); each stage after the first starts from the previous stage's export.
     # Stage 1 sees audio-text and image-text data only, as in the paper; later stages mix in text.
@@ -31,6 +35,10 @@ STAGES = [
     ("stage3_long", ["trainer.max_steps=6", "trainer.lr=1e-3", "trainer.warmup_steps=1", "trainer.micro_batch_size=1",
                      "trainer.sequence_parallel=2", "data.chunk_samples=1024"]),
     ("sft", ["trainer.max_steps=30", "trainer.lr=3e-3"]),
+    # The Talker on the SFT'd Thinker: codec continuation, then DPO on the speech triplets (Thinker frozen).
+    ("talker_sft", ["trainer.max_steps=10", "trainer.lr=3e-3", "data.max_len=512", f"data.sources={TRIPLETS}"]),
+    ("talker_dpo", ["trainer.max_steps=10", "trainer.lr=1e-3", "trainer.warmup_steps=0", "data.max_len=512",
+                    f"data.sources={TRIPLETS}"]),
 ]
 
 
@@ -43,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     shutil.rmtree(out, ignore_errors=True)  # the demo always starts from nothing
     manifest = write_sample_corpus(out / "sample")
     summary: dict = {"data": {}, "stages": {}}
-    for name in ("media", "text"):
+    for name in ("media", "text", "triplets"):
         source, shards = manifest.with_name(f"{name}.jsonl"), out / "shards" / name
         print(f"omni-demo: data: omni-prep build {source} {shards}", flush=True)
         index = build(str(source), str(shards), from_overrides([]))

@@ -80,27 +80,44 @@ def response_span(labels: torch.Tensor) -> tuple[int, int]:
     return start, end - start - 1
 
 
+def talker_prompt(hidden: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor, prompt: int, reply: int,
+                  bos_embed: torch.Tensor, eos_embed: torch.Tensor, ids: CodecIds
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the Talker reads before its first code, from one sample's Thinker outputs (layout in the module
+    docstring): text track (P + 2, H), codec ids (P + 2,; -1 where nothing is embedded), 3-D positions (3, P + 2),
+    the text entries of the codec steps that follow (reply: t_1..t_{m-1}, then tts_text_eos; after them every step
+    reads tts_text_pad) and the first position of those steps.
+
+    hidden, embeds: (L, H) of the sample (embeds with media positions zeroed); positions: (3, L) TMRoPE; prompt = P,
+    reply = m."""
+    p = prompt
+    spoken = hidden[p:p + reply] + embeds[p:p + reply]  # t_0 .. t_{m-1}
+    text = torch.cat([hidden[:p] + embeds[:p], bos_embed[None], spoken[:1]])
+    codec = torch.cat([torch.full((p,), -1, device=hidden.device),
+                       torch.tensor([ids.pad, ids.bos], device=hidden.device)])
+    start = positions[:, :p].max() + 1
+    pos = torch.cat([positions[:, :p], (start + torch.arange(2, device=positions.device)).expand(3, -1)], dim=1)
+    return text, codec, pos, torch.cat([spoken[1:], eos_embed[None]]), start + 2
+
+
+def step_text(tail: torch.Tensor, pad_embed: torch.Tensor, steps: int) -> torch.Tensor:
+    """The text track of `steps` codec steps: the reply tail, then tts_text_pad for ever."""
+    if tail.shape[0] >= steps:
+        return tail[:steps]
+    return torch.cat([tail, pad_embed[None].expand(steps - tail.shape[0], -1)])
+
+
 def talker_sequence(hidden: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor, prompt: int, reply: int,
                     codes: torch.Tensor, bos_embed: torch.Tensor, eos_embed: torch.Tensor, pad_embed: torch.Tensor,
                     ids: CodecIds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Talker sequence (layout in the module docstring) from one sample's Thinker outputs.
-
-    hidden, embeds: (L, H) of the sample (embeds with media positions zeroed); positions: (3, L) TMRoPE; prompt = P,
-    reply = m; codes: (T,). Returns text track (P + 2 + T, H), codec track ids (P + 2 + T,; -1 where nothing is
-    embedded), 3-D positions (3, P + 2 + T) and targets (P + 2 + T,; IGNORE where none)."""
-    p, t = prompt, codes.numel()
-    spoken = hidden[p:p + reply] + embeds[p:p + reply]  # t_0 .. t_{m-1}
-    steps = t  # text entries the codec steps c_0 .. c_{T-1} read: reply[0 .. T-1]
-    tail = torch.cat([spoken[1:], eos_embed[None]])
-    if tail.shape[0] < steps:
-        tail = torch.cat([tail, pad_embed[None].expand(steps - tail.shape[0], -1)])
-    text = torch.cat([hidden[:p] + embeds[:p], bos_embed[None], spoken[:1], tail[:steps]])
-    codec = torch.cat([codes.new_full((p,), -1), codes.new_tensor([ids.pad, ids.bos]), codes])
-    start = positions[:, :p].max() + 1
-    after = torch.arange(2 + t, device=positions.device) + start
-    pos = torch.cat([positions[:, :p], after.expand(3, -1)], dim=1)
-    targets = torch.cat([codes.new_full((p + 1,), IGNORE), codes, codes.new_tensor([ids.eos])])
-    return text, codec, pos, targets
+    """One teacher-forced Talker sequence: text track (P + 2 + T, H), codec ids (P + 2 + T,; -1 where nothing is
+    embedded), 3-D positions (3, P + 2 + T) and targets (P + 2 + T,; IGNORE where none). codes: (T,)."""
+    t = codes.numel()
+    text, codec, pos, tail, first = talker_prompt(hidden, embeds, positions, prompt, reply, bos_embed, eos_embed, ids)
+    steps = (first + torch.arange(t, device=pos.device)).expand(3, -1)
+    targets = torch.cat([codes.new_full((prompt + 1,), IGNORE), codes, codes.new_tensor([ids.eos])])
+    return (torch.cat([text, step_text(tail, pad_embed, t)]), torch.cat([codec, codes]),
+            torch.cat([pos, steps], dim=1), targets)
 
 
 def dpo_sigmoid_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -162,24 +179,40 @@ class TalkerLM(ThinkerLM):
             media = (input_ids == AUDIO) | (input_ids == IMAGE) | (input_ids == VIDEO)
             return hidden, embeds.masked_fill(media.unsqueeze(-1), 0.0)
 
-    def sequences(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """All Talker sequences of a micro-batch in one row: (text track (1, N, H), codec ids (1, N), positions
-        (4, 1, N), targets (1, N), sequence index per position (N,)); chosen sequences first, then rejected."""
+    def _thinker_side(self, batch: dict):
+        """The Thinker's states of a micro-batch, the special text-track embeddings and the samples' places."""
         input_ids, labels, positions = batch["input_ids"], batch["labels"], batch["position_ids"]
         hidden, embeds = self._thinker_states(input_ids, positions, batch.get("audio_features"),
                                               batch.get("audio_lengths"), batch.get("pixel_values"),
                                               batch.get("grid_thw"))
-        lengths = batch["code_lengths"]
         table = self.thinker.model.get_input_embeddings()
         with torch.no_grad():
             specials = table(torch.cat([torch.tensor([self.ids.text_eos, self.ids.text_pad], device=input_ids.device),
                                         batch["speaker_bos"]]))
-        eos_embed, pad_embed, bos_embeds = specials[0], specials[1], specials[2:]
+        samples = _samples(positions[0], labels)
+        if len(samples) != len(batch["speaker_bos"]):
+            raise ValueError(f"the batch holds {len(samples)} samples but speakers for {len(batch['speaker_bos'])}")
+        return hidden, embeds, specials[0], specials[1], specials[2:], samples
+
+    def prompts(self, batch: dict) -> tuple[list[tuple], torch.Tensor]:
+        """Per sample, what the Talker reads before its first code (omni_train.talker.talker_prompt), and the
+        tts_text_pad embedding; for sampling codes (omni_train.pairs)."""
+        hidden, embeds, eos_embed, pad_embed, bos_embeds, samples = self._thinker_side(batch)
+        labels, positions = batch["labels"], batch["position_ids"]
+        out = []
+        for i, (r, a, b) in enumerate(samples):
+            p, m = response_span(labels[r, a:b])
+            out.append(talker_prompt(hidden[r, a:b], embeds[r, a:b], positions[1:, r, a:b], p, m, bos_embeds[i],
+                                     eos_embed, self.ids))
+        return out, pad_embed
+
+    def sequences(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All Talker sequences of a micro-batch in one row: (text track (1, N, H), codec ids (1, N), positions
+        (4, 1, N), targets (1, N), sequence index per position (N,)); chosen sequences first, then rejected."""
+        hidden, embeds, eos_embed, pad_embed, bos_embeds, samples = self._thinker_side(batch)
+        labels, positions, lengths = batch["labels"], batch["position_ids"], batch["code_lengths"]
         codes = batch["codes"].split(lengths.t().flatten().tolist())  # chosen of every sample, then rejected
         n = lengths.shape[0]
-        samples = _samples(positions[0], labels)
-        if len(samples) != n:
-            raise ValueError(f"the batch holds {len(samples)} samples but speech for {n}")
         parts = []
         for kind in range(2 if self.objective == "talker_dpo" else 1):
             for i, (r, a, b) in enumerate(samples):

@@ -318,6 +318,10 @@ def main() -> None:
         from omni_train.plan import main as plan
 
         sys.exit(plan(sys.argv[2:]))
+    if sys.argv[1:2] == ["pairs"]:
+        from omni_train.pairs import main as pairs
+
+        sys.exit(pairs(sys.argv[2:]))
     register()
     hydra.main(version_base=None, config_path="pkg://omni_train.conf", config_name="config")(_entry)()
 

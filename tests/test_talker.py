@@ -157,9 +157,93 @@ def test_response_span_finds_the_last_assistant_turn():
         response_span(torch.full((4,), IGNORE))
 
 
-def test_dpo_loss_is_ln2_when_policy_equals_reference_and_equals_trl():
+def test_dpo_loss_is_ln2_and_rewards_zero_when_policy_equals_reference():
     torch.manual_seed(0)
     policy_w, policy_l = -torch.rand(6) * 50, -torch.rand(6) * 50
     loss, reward_w, reward_l = dpo_sigmoid_loss(policy_w, policy_l, policy_w.clone(), policy_l.clone(), beta=0.1)
     torch.testing.assert_close(loss, torch.full((6,), math.log(2.0)), rtol=0, atol=1e-7)
     assert (reward_w == 0).all() and (reward_l == 0).all()
+
+
+class _Accelerator:
+    """What TRL's loss code asks of accelerate on one process: a device and identity gathers."""
+
+    device = torch.device("cpu")
+
+    @staticmethod
+    def gather_for_metrics(x):
+        return x
+
+    gather = gather_for_metrics
+
+
+def _trl_loss(policy_tokens: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor, beta: float, sft_weight: float):
+    """TRL 1.16's DPOTrainer._compute_loss (sigmoid, plus its "sft" loss type when sft_weight > 0) on fixed per-token
+    log-probs: the model it calls returns them as they are (rows: chosen sequences, then rejected)."""
+    from types import SimpleNamespace
+
+    from trl import DPOTrainer
+
+    rows, length = policy_tokens.shape
+    outputs = SimpleNamespace(log_probs=policy_tokens, entropy=torch.zeros(rows, length),
+                              mean_logits=torch.zeros(rows, length), is_top1=torch.zeros(rows, length, dtype=torch.bool))
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False,
+        ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl", beta=beta,
+        loss_types=["sigmoid", "sft"] if sft_weight else ["sigmoid"], loss_weights=[1.0, sft_weight] if sft_weight
+        else [1.0], use_weighting=False, label_smoothing=0.0, _tp_size=1, _total_train_tokens=0,
+        _metrics={"train": __import__("collections").defaultdict(list)})
+    inputs = {"input_ids": torch.zeros(rows, length + 1, dtype=torch.long),
+              "completion_mask": torch.ones(rows, length + 1, dtype=torch.long),
+              "attention_mask": torch.ones(rows, length + 1, dtype=torch.long),
+              "ref_chosen_logps": ref_w, "ref_rejected_logps": ref_l}
+    loss = DPOTrainer._compute_loss(trainer, lambda **_: outputs, inputs, return_outputs=False)
+    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("sft_weight", [0.0, 0.5])
+def test_dpo_loss_and_rewards_equal_trls_on_fixed_log_probs(sft_weight):
+    torch.manual_seed(1)
+    triplets, length, beta = 5, 7, 0.3
+    tokens = -torch.rand(2 * triplets, length) * 4  # per-token log-probs: chosen rows, then rejected rows
+    ref_w, ref_l = -torch.rand(triplets) * 20 - 5, -torch.rand(triplets) * 20 - 5
+    want, metrics = _trl_loss(tokens, ref_w, ref_l, beta, sft_weight)
+    policy = tokens.sum(dim=1)
+    dpo, reward_w, reward_l = dpo_sigmoid_loss(policy[:triplets], policy[triplets:], ref_w, ref_l, beta)
+    ours = (dpo + sft_weight * (-policy[:triplets] / length)).mean()  # equal lengths: TRL's token mean = ours
+    torch.testing.assert_close(ours, want, rtol=1e-6, atol=1e-7)
+    assert metrics["rewards/chosen"] == pytest.approx(reward_w.mean().item(), rel=1e-6)
+    assert metrics["rewards/rejected"] == pytest.approx(reward_l.mean().item(), rel=1e-6)
+    assert metrics["rewards/accuracies"] == pytest.approx((reward_w > reward_l).float().mean().item())
+    assert metrics["rewards/margins"] == pytest.approx((reward_w - reward_l).mean().item(), rel=1e-6)
+    assert 0.0 < metrics["rewards/accuracies"] < 1.0, "a mix of right and wrong preferences, or the check is weak"
+
+
+def test_sampled_codes_logits_equal_the_teacher_forced_forward():
+    """The pair builder samples with a KV cache, step by step; the training forward reads the whole sequence at
+    once: on the sampled codes both give the same logits (so ref_logps and sampling see the same model)."""
+    from omni_train.pairs import sample_codes
+
+    model = copy.deepcopy(_full_model())
+    prompt_ids, prompt_pos, features, pixels = _prompt(with_media=True)
+    objective = TalkerLM(model.thinker, model.talker, "talker_sft", {"Chelsie": SPEAKER_BOS}, "Chelsie").eval()
+    reply = torch.tensor([785, 4226, 374, 220, 22, 13])
+    batch = _batch(prompt_ids, prompt_pos, features, pixels, reply, torch.zeros(1, dtype=torch.long))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        (prompt,), pad_embed = objective.prompts(batch)
+        sampled, raw = sample_codes(model.talker, prompt, pad_embed, 3, 12, 40, 0.8, 0.9, objective.ids)
+    use_packed_attention(model.thinker.model.language_model)
+    use_packed_attention(model.talker.model)
+    checked = 0
+    for k, codes in enumerate(sampled):
+        if len(codes) == 0:
+            continue
+        batch.update(codes=codes, code_lengths=torch.tensor([[len(codes), 0]]))
+        with torch.no_grad():
+            text, codec, positions, targets, _ = objective.sequences(batch)
+            got = objective.codec_logits(model.talker, text, codec, positions, targets != IGNORE)
+        steps = min(len(codes) + 1, raw.shape[1])
+        torch.testing.assert_close(got[:steps], raw[k, :steps], rtol=1e-5, atol=2e-6)
+        checked += steps
+    assert checked >= 6

@@ -1,0 +1,322 @@
+"""`omni-train pairs`: on-policy speech preference triplets from the current model, for `talker_dpo`.
+
+    omni-train pairs MODEL_DIR PROMPTS.jsonl OUT.jsonl [--samples 4] [--max-codes 600] [--speaker NAME]
+
+MODEL_DIR is a full Qwen2.5-Omni checkpoint (a Talker stage's export, or the released one). PROMPTS.jsonl holds
+conversations in Qwen2.5-Omni's message format whose last turn is the assistant reply to be spoken (media paths
+relative to the file). For each: the Thinker runs once on the conversation (our data path: the same tokens, TMRoPE
+positions and media features as training), the Talker samples K codec sequences in the training layout
+(omni_train.talker; top-k / top-p / temperature as transformers' generate defaults), transformers' Token2Wav turns
+each into a 24 kHz waveform, and a scorer rates each (lower is better). The best and the worst become the chosen and
+rejected codes of a triplet, with their log-probs under the current model recorded as `ref_logps` (the DPO
+reference is the model the pairs were sampled from, so `talker.reference=precomputed` needs no reference copy).
+A prompt whose samples all score the same is set aside with that reason (they carry no preference).
+
+Scorers (`--scorer`), pluggable through `SCORERS`:
+- `wer` (default): word error rate of a transcript against the reply text, plus the pause/duration check below.
+  The transcript comes from `--asr`: `thinker` (the model's own Thinker, asked to transcribe the clip) or a local
+  Whisper checkpoint directory (WhisperForConditionalGeneration with its processor files).
+- `pauses`: the pause/duration check alone: the longest silence (20-ms frames under 1% of the peak RMS) beyond
+  `--max-pause` seconds, and speaking time outside [0.04, 0.4] s per character of the reply, each add their excess
+  in seconds (the paper ranks by word error rate and by punctuation/pause errors).
+The output is a triplet JSONL (`speech: {chosen, rejected, speaker, ref_logps}`, and `scores`) that `omni-prep
+build` turns into shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.chatml import SampleError, media_parts
+from omni_train.files import write_text_atomic
+
+SAMPLE_RATE = 24_000  # Token2Wav's output
+
+
+@dataclass
+class Score:
+    value: float  # lower is better
+    details: dict
+
+
+def pause_check(wave: np.ndarray, text: str, max_pause: float) -> tuple[float, dict]:
+    """Penalty (seconds beyond the bounds) for the longest silence and for the speaking rate of `wave`."""
+    frame = SAMPLE_RATE // 50
+    frames = wave[: len(wave) // frame * frame].reshape(-1, frame) if len(wave) >= frame else wave[None]
+    rms = np.sqrt((frames.astype(np.float64) ** 2).mean(axis=1))
+    silent = rms < 0.01 * max(rms.max(), 1e-12)
+    longest = run = 0
+    for s in silent:
+        run = run + 1 if s else 0
+        longest = max(longest, run)
+    pause = longest / 50.0
+    seconds, chars = len(wave) / SAMPLE_RATE, max(len(text), 1)
+    low, high = 0.04 * chars, 0.4 * chars
+    penalty = max(0.0, pause - max_pause) + max(0.0, low - seconds) + max(0.0, seconds - high)
+    return penalty, {"longest_pause_s": pause, "seconds": seconds}
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level Levenshtein distance / reference words (case and punctuation ignored)."""
+    def words(s: str) -> list[str]:
+        return "".join(c.lower() if c.isalnum() or c.isspace() else " " for c in s).split()
+
+    ref, hyp = words(reference), words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1] / max(len(ref), 1)
+
+
+class ThinkerAsr:
+    """Transcripts from the model's own Thinker: the clip (resampled to 16 kHz, log-mel as in training) and the
+    instruction "Transcribe the audio.", greedy decoding."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 64):
+        self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
+
+    def __call__(self, wave: np.ndarray) -> str:
+        from data_prep.chatml import encode
+        from data_prep.layout import Media
+        from omni_train.features import log_mel
+
+        audio = _resample(wave, SAMPLE_RATE, 16_000)
+        messages = [{"role": "user", "content": [{"type": "audio", "audio": "clip"},
+                                                 {"type": "text", "text": "Transcribe the audio."}]},
+                    {"role": "assistant", "content": "x"}]
+        enc = encode(messages, self.tokenizer, [Media("audio", audio_samples=audio.size)])
+        prompt = int(np.nonzero(enc["labels"] != -100)[0][0])
+        features = log_mel(audio)
+        ids = torch.from_numpy(enc["input_ids"][:prompt])[None]
+        out = self.model.thinker.generate(input_ids=ids, input_features=features[None],
+                                          feature_attention_mask=torch.ones(1, features.shape[1], dtype=torch.long),
+                                          max_new_tokens=self.max_new_tokens, do_sample=False)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+class WhisperAsr:
+    """Transcripts from a local Whisper checkpoint (model and processor files in one directory)."""
+
+    def __init__(self, path: str):
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        self.processor = WhisperProcessor.from_pretrained(path)
+        self.model = WhisperForConditionalGeneration.from_pretrained(path).eval()
+
+    def __call__(self, wave: np.ndarray) -> str:
+        audio = _resample(wave, SAMPLE_RATE, 16_000)
+        features = self.processor(audio, sampling_rate=16_000, return_tensors="pt").input_features
+        with torch.no_grad():
+            out = self.model.generate(features)
+        return self.processor.batch_decode(out, skip_special_tokens=True)[0]
+
+
+def _resample(wave: np.ndarray, source: int, target: int) -> np.ndarray:
+    n = int(round(len(wave) * target / source))
+    return np.interp(np.linspace(0, len(wave) - 1, n), np.arange(len(wave)), wave).astype(np.float32)
+
+
+def wer_scorer(args, model, tokenizer):
+    asr = ThinkerAsr(model, tokenizer) if args.asr == "thinker" else WhisperAsr(args.asr)
+
+    def score(wave: np.ndarray, text: str) -> Score:
+        transcript = asr(wave)
+        wer = word_error_rate(text, transcript)
+        penalty, details = pause_check(wave, text, args.max_pause)
+        return Score(wer + penalty, {"wer": wer, "transcript": transcript, "pause_penalty": penalty, **details})
+    return score
+
+
+def pause_scorer(args, model, tokenizer):
+    def score(wave: np.ndarray, text: str) -> Score:
+        penalty, details = pause_check(wave, text, args.max_pause)
+        return Score(penalty, {"pause_penalty": penalty, **details})
+    return score
+
+
+SCORERS = {"wer": wer_scorer, "pauses": pause_scorer}
+
+
+def _sample_of(record: dict, base: Path, tokenizer):
+    """One conversation through the training data path (omni-prep's prepare, then the loader's decode)."""
+    import webdataset  # noqa: F401 - the decoders below are webdataset's own formats: json and npy only
+
+    from data_prep.build import prepare
+    from data_prep.config import PrepConfig
+    from omni_train.batch import decode_sample
+
+    prepared = prepare(record.get("id", "prompt"), record, base, PrepConfig(), tokenizer)
+    raw = {k: (json.loads(v) if k == "json" else np.load(io.BytesIO(v), allow_pickle=False) if k.endswith(".npy")
+               else v) for k, v in prepared.files.items()}
+    return decode_sample(raw)
+
+
+def _absolute_media(messages: list[dict], base: Path) -> list[dict]:
+    out = copy.deepcopy(messages)
+    for part in media_parts(out):
+        ref = part[part["type"]]
+        if isinstance(ref, str) and not Path(ref).is_absolute() and "://" not in ref:
+            part[part["type"]] = str((base / ref).resolve())
+    return out
+
+
+def sample_codes(talker, prompt, pad_embed: torch.Tensor, k: int, max_codes: int, top_k: int, top_p: float,
+                 temperature: float, ids) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """K codec sequences from `talker` after `prompt` (omni_train.talker.talker_prompt), each up to its first
+    eos/pad code (exclusive), sampled with a KV cache in the training layout; and the raw logits of every step
+    (K, steps, vocabulary), which equal the teacher-forced training forward's on the same codes (a test)."""
+    from transformers import DynamicCache
+
+    text, codec, pos, tail, first = prompt
+    embed = talker.get_input_embeddings()
+    inputs = text + torch.where((codec >= 0)[:, None], embed(codec.clamp(min=0)), 0.0)
+    cache = DynamicCache()
+    hidden = talker.model(inputs_embeds=talker.thinker_to_talker_proj(inputs)[None].expand(k, -1, -1),
+                          position_ids=pos[:, None].expand(-1, k, -1), cache=cache, use_cache=True).last_hidden_state
+    codes, raw, done = [], [], torch.zeros(k, dtype=torch.bool)
+    for step in range(max_codes):
+        logits = talker.codec_head(hidden[:, -1]).float()
+        raw.append(logits)
+        logits = logits / temperature
+        logits[:, ids.bos] = -float("inf")  # as transformers' generate suppresses it
+        code = _top_k_top_p(logits, top_k, top_p)
+        codes.append(code)
+        done |= (code == ids.eos) | (code == ids.pad)
+        if done.all():
+            break
+        step_text = tail[step] if step < tail.shape[0] else pad_embed
+        step_in = embed(code) + step_text
+        position = (first + step).view(1, 1, 1).expand(3, k, 1)
+        hidden = talker.model(inputs_embeds=talker.thinker_to_talker_proj(step_in)[:, None], position_ids=position,
+                              cache=cache, use_cache=True).last_hidden_state
+    stacked = torch.stack(codes, dim=1)
+    out = []
+    for row in stacked:
+        stop = ((row == ids.eos) | (row == ids.pad)).nonzero()
+        out.append(row[: int(stop[0]) if len(stop) else len(row)])
+    return out, torch.stack(raw, dim=1)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    values, order = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+    probs = values.softmax(dim=-1)
+    keep = probs.cumsum(dim=-1) - probs < top_p  # the smallest prefix reaching top_p (at least one)
+    probs = torch.where(keep, probs, 0.0)
+    pick = torch.multinomial(probs / probs.sum(dim=-1, keepdim=True), 1)
+    return order.gather(-1, pick).squeeze(-1)
+
+
+def build_pairs(args) -> dict:
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    from omni_train.batch import collate_packed
+    from omni_train.talker import TalkerLM, response_span
+    from omni_train.tokenizer import load_tokenizer
+
+    torch.manual_seed(args.seed)
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(args.model).eval()
+    tokenizer = load_tokenizer(args.model)
+    speakers = {name: int(v["bos_token"]) for name, v in model.speaker_map.items()}
+    speaker = args.speaker or next(iter(speakers))
+    if speaker not in speakers:
+        raise SystemExit(f"omni-train pairs: speaker {speaker} is not in {args.model}/spk_dict.pt ({sorted(speakers)})")
+    objective = TalkerLM(model.thinker, model.talker, "talker_dpo", speakers, speaker)
+    score = SCORERS[args.scorer](args, model, tokenizer)
+    voice = model.speaker_map[speaker]
+    base = Path(args.prompts).resolve().parent
+    triplets, set_aside = [], []
+    records = [json.loads(line) for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    for n, record in enumerate(records):
+        rid = record.get("id", f"prompt-{n}")
+        try:
+            sample = _sample_of(record, base, tokenizer)
+        except (SampleError, ValueError) as e:
+            set_aside.append({"id": rid, "reason": str(e)})
+            continue
+        batch = collate_packed([[sample]], len(sample), tokenizer.pad_token_id)
+        batch["speaker_bos"] = torch.tensor([speakers[speaker]])
+        start, reply = response_span(batch["labels"][0])
+        text = tokenizer.decode(batch["input_ids"][0, start:start + reply])
+        with torch.no_grad():
+            (prompt,), pad_embed = objective.prompts(batch)
+            candidates, _ = sample_codes(model.talker, prompt, pad_embed, args.samples, args.max_codes, args.top_k,
+                                      args.top_p, args.temperature, objective.ids)
+            candidates = [c for c in candidates if len(c) > 0]
+            scored = []
+            for codes in candidates:
+                wave = model.token2wav(codes[None], conditioning=voice["cond"].float(),
+                                       reference_mel=voice["ref_mel"].float()).reshape(-1).float().numpy()
+                scored.append((score(wave, text), codes))
+        if len(scored) < 2 or min(s.value for s, _ in scored) == max(s.value for s, _ in scored):
+            set_aside.append({"id": rid, "reason": f"{len(scored)} samples with no difference in score: no preference"})
+            continue
+        scored.sort(key=lambda x: x[0].value)
+        (best, chosen), (worst, rejected) = scored[0], scored[-1]
+        ref = _reference_logps(objective, model, batch, chosen, rejected)
+        triplets.append({"id": rid, "messages": _absolute_media(record["messages"], base),
+                         "use_audio_in_video": bool(record.get("use_audio_in_video", False)),
+                         "speech": {"chosen": chosen.tolist(), "rejected": rejected.tolist(), "speaker": speaker,
+                                    "ref_logps": ref},
+                         "scores": {"chosen": best.value, "rejected": worst.value, "chosen_details": best.details,
+                                    "rejected_details": worst.details, "samples": len(scored)}})
+    write_text_atomic(Path(args.out), "".join(json.dumps(t) + "\n" for t in triplets))
+    report = {"prompts": len(records), "triplets": len(triplets), "set_aside": set_aside, "out": str(args.out)}
+    print(json.dumps(report, indent=2))
+    return report
+
+
+def _reference_logps(objective, model, batch: dict, chosen: torch.Tensor, rejected: torch.Tensor) -> list[float]:
+    """log p(chosen), log p(rejected) under the current Talker, exactly as talker_dpo's loss computes them."""
+    from omni_train.attention import use_packed_attention
+
+    models = (model.talker.model, model.thinker.model.language_model)
+    before = [m.config._attn_implementation for m in models]
+    for m in models:  # per-sequence attention over the packed chosen + rejected row, as in training
+        use_packed_attention(m)
+    try:
+        batch = {**batch, "codes": torch.cat([chosen, rejected]),
+                 "code_lengths": torch.tensor([[len(chosen), len(rejected)]])}
+        text, codec, positions, targets, index = objective.sequences(batch)
+        logp = objective.token_logps(model.talker, text, codec, positions, targets)
+        per_seq = torch.zeros(2, dtype=logp.dtype).index_add(0, index[targets[0] != -100], logp)
+        return [float(per_seq[0]), float(per_seq[1])]
+    finally:
+        for m, name in zip(models, before):
+            m.config._attn_implementation_internal = name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="omni-train pairs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="a full Qwen2.5-Omni checkpoint directory (with spk_dict.pt)")
+    parser.add_argument("prompts", help="JSONL conversations ending with the assistant reply to speak")
+    parser.add_argument("out", help="the triplet JSONL to write")
+    parser.add_argument("--samples", type=int, default=4, help="codec sequences sampled per prompt (K)")
+    parser.add_argument("--max-codes", type=int, default=600, help="codes per sample at most (50 per second)")
+    parser.add_argument("--speaker", default=None, help="a key of spk_dict.pt (default: its first)")
+    parser.add_argument("--scorer", choices=sorted(SCORERS), default="wer")
+    parser.add_argument("--asr", default="thinker", help="'thinker' or a local Whisper checkpoint directory")
+    parser.add_argument("--max-pause", type=float, default=0.6, help="seconds of silence allowed inside a reply")
+    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--top-p", type=float, default=0.8)
+    parser.add_argument("--temperature", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.samples < 2:
+        parser.error("--samples must be at least 2: a pair needs two candidates")
+    report = build_pairs(args)
+    return 0 if report["triplets"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
