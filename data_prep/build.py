@@ -204,6 +204,8 @@ def prepare(sid: str, record: dict, base_dir: Path, cfg: PrepConfig, tokenizer, 
     files["position_ids.npy"] = _npy(enc["position_ids"])
     modalities = tuple(sorted({m["type"] for m in meta} | ({"video_audio"} if use_audio_in_video and any(
         m["type"] == "video" for m in meta) else set()))) or ("text",)
+    if "speech" in info:  # counted in index.json, so a Talker stage can check its sources before it starts
+        modalities += ("speech_pair",) if "speech.rejected.npy" in files else ("speech",)
     return Prepared(files, n, dict(seconds), modalities)
 
 

@@ -47,12 +47,14 @@ def command(cfg: Config, overrides: list[str]) -> list[str]:
 
 def launch(overrides: list[str]) -> int:
     from omni_train.engine import check_patterns
+    from omni_train.loader import NEEDS_SPEECH, check_speech
     from omni_train.model import thinker_parameter_names
 
     cfg = compose(overrides)
     validate(cfg)
     check_patterns(thinker_parameter_names(cfg.model, talker=cfg.stage.objective != "thinker"),
                    list(cfg.stage.trainable))
+    check_speech(cfg.data.sources, NEEDS_SPEECH[cfg.stage.objective])
     if cfg.launcher.name != "local":
         raise ConfigError(f"launcher={cfg.launcher.name} is not available yet: use launcher=local")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

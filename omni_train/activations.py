@@ -32,17 +32,23 @@ MODES = ("none", "selective", "full")
 
 def apply(thinker: nn.Module, trainer) -> None:
     """Configure checkpointing, offload and MLP tiling on `thinker` as `trainer` (TrainerConfig) says."""
-    if trainer.checkpointing != "none":
-        every = trainer.checkpoint_every if trainer.checkpointing == "selective" else 1
-        thinker.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
-                                                every_n_layers=every)
-        if trainer.offload_activations:
-            for module in thinker.modules():
-                if hasattr(module, "_gradient_checkpointing_func"):
-                    module._gradient_checkpointing_func = _offloaded_checkpoint
+    checkpointing(thinker, trainer)
     if trainer.mlp_chunk:
         for layer in thinker.model.language_model.layers:
             tile_mlp(layer.mlp, trainer.mlp_chunk)
+
+
+def checkpointing(model: nn.Module, trainer) -> None:
+    """Activation checkpointing (and offload) on any transformers model's layers, as `trainer` says."""
+    if trainer.checkpointing == "none":
+        return
+    every = trainer.checkpoint_every if trainer.checkpointing == "selective" else 1
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                          every_n_layers=every)
+    if trainer.offload_activations:
+        for module in model.modules():
+            if hasattr(module, "_gradient_checkpointing_func"):
+                module._gradient_checkpointing_func = _offloaded_checkpoint
 
 
 def _offloaded_checkpoint(function, *args, **kwargs):

@@ -84,8 +84,8 @@ class TrainerConfig:
     # world size and data.pad_to_multiple_of, and split the attention heads (see omni_train/attention.py).
     sequence_parallel: int = 1
     # Labelled tokens per tile of the fused LM head + cross-entropy (omni_train/head_loss.py); 0 forms all their
-    # logits at once (the plain path). Same loss and gradients either way. A tile holds ~12 x 152k bytes per token
-    # at its peak (1024: 1.7 GiB).
+    # logits at once (the plain path); the Talker's codec head likewise. Same loss and gradients either way. A tile
+    # holds ~12 x 152k bytes per token at its peak (1024: 1.7 GiB).
     logits_chunk: int = 1024
     # Activation checkpointing (omni_train/activations.py): none | selective (every `checkpoint_every`-th layer) |
     # full (every layer); `offload_activations` keeps the checkpointed inputs in host memory.

@@ -42,6 +42,37 @@ STAGES = [
 ]
 
 
+def speak(export: Path, wav: Path) -> dict:
+    """The last export as transformers loads it (Qwen2_5OmniForConditionalGeneration: Thinker + Talker +
+    Token2Wav): answer a question in text and speech; the waveform (24 kHz) goes to `wav`."""
+    import wave
+
+    import numpy as np
+    import torch
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    from omni_train.tokenizer import load_tokenizer
+
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(export).eval()
+    tokenizer = load_tokenizer(str(export))
+    prompt = "<|im_start|>user\nWhat is 3 plus 4?<|im_end|>\n<|im_start|>assistant\n"
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    torch.manual_seed(0)
+    sequences, audio = model.generate(input_ids=ids, thinker_max_new_tokens=16, talker_max_new_tokens=200,
+                                      speaker=next(iter(model.speaker_map)))
+    samples = (audio.clamp(-1, 1).numpy() * 32767).astype(np.int16)
+    tmp = wav.with_name(wav.name + ".tmp")
+    with wave.open(str(tmp), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(24_000)
+        f.writeframes(samples.tobytes())
+    tmp.replace(wav)
+    text = tokenizer.decode(sequences[0, ids.shape[1]:], skip_special_tokens=True)
+    print(f"omni-demo: the final model answers {text!r} and says it in {len(samples) / 24_000:.2f} s of audio: {wav}")
+    return {"wav": str(wav), "seconds": len(samples) / 24_000, "text": text}
+
+
 def main(argv: list[str] | None = None) -> None:
     from data_prep.build import build
     from data_prep.config import from_overrides
@@ -70,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"omni-demo: stage {stage} failed with exit code {code}; its logs are in {run_dir}")
         summary["stages"][stage] = json.loads((run_dir / "summary.json").read_text())
         start = [f"model.path={run_dir / 'export'}"]
+    summary["speech"] = speak(out / "talker_dpo" / "export", out / "speech.wav")
     write_json_atomic(out / "summary.json", summary)
     print(json.dumps(summary, indent=2))
     print(f"omni-demo: done; summary in {out / 'summary.json'}")

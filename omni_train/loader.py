@@ -99,6 +99,7 @@ class _SetAside(Exception):
 
 
 SPEECH = ("none", "chosen", "pair")  # what a stage needs of each sample's speech (Thinker, talker_sft, talker_dpo)
+NEEDS_SPEECH = {"thinker": "none", "talker_sft": "chosen", "talker_dpo": "pair"}  # by stage.objective
 
 
 def _check_speech(sample, need: str) -> None:
@@ -328,6 +329,23 @@ class RankLoader:
             )
         self.states = [None if s is None else LoaderState(**s) for s in state["slots"]]
         self.next_slot = state["next_slot"]
+
+
+def check_speech(sources, need: str) -> None:
+    """Before a Talker stage starts: every source whose index.json is at hand holds samples with the speech the
+    stage needs (SPEECH), else one line naming it (without this, every sample would be set aside, one by one)."""
+    if need == "none":
+        return
+    kinds = ("speech", "speech_pair") if need == "chosen" else ("speech_pair",)
+    for source in sources:
+        index = Path(source.path) / "index.json"
+        if not index.is_file():
+            continue  # a glob or URLs: the loader's per-sample check still applies
+        counts = json.loads(index.read_text())["totals"].get("modalities", {})
+        if not any(counts.get(k, 0) for k in kinds):
+            what = "speech codes (speech.chosen)" if need == "chosen" else "speech triplets (speech.chosen and .rejected)"
+            raise ConfigError(f"data source {source.name} ({source.path}) has no samples with {what}; a Talker stage "
+                              "trains on those: build them with omni-prep from records with `speech`")
 
 
 def build_rank_loader(cfg, tokenizer, rank: int, world: int, seed: int, rows: int, speech: str = "none") -> RankLoader:

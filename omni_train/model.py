@@ -97,7 +97,10 @@ def _plain(node: Any) -> Any:
 def thinker_parameter_names(cfg: ModelConfig, talker: bool = False) -> list[str]:
     """Parameter names of the Thinker as the train module sees them (`thinker.` prefix), and with `talker` the
     Talker's (`talker.`), without weights: built on the meta device, so this is cheap even for the 7B."""
-    from transformers import Qwen2_5OmniTalkerForConditionalGeneration, Qwen2_5OmniThinkerForConditionalGeneration
+    from transformers import (
+        Qwen2_5OmniTalkerForConditionalGeneration,
+        Qwen2_5OmniThinkerForConditionalGeneration,
+    )
 
     config = omni_config(cfg)
     with torch.device("meta"), _transformers_log_level(logging.ERROR):

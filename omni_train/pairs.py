@@ -123,7 +123,7 @@ class WhisperAsr:
 
 
 def _resample(wave: np.ndarray, source: int, target: int) -> np.ndarray:
-    n = int(round(len(wave) * target / source))
+    n = round(len(wave) * target / source)
     return np.interp(np.linspace(0, len(wave) - 1, n), np.arange(len(wave)), wave).astype(np.float32)
 
 

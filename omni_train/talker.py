@@ -23,7 +23,8 @@ The Thinker runs once per micro-batch (no gradient) on the packed rows as the Th
 Talker sequence of the micro-batch (per sample: the chosen codes, and for DPO the rejected codes too, sharing that
 one Thinker pass) is laid end to end in one row with per-sequence positions, so the Talker's attention stays inside
 each sequence (omni_train.attention's per-sample core). The codec vocabulary is 8,448 wide: its logits are formed
-whole, in fp32 (a 4k-position row holds 140 MB of them).
+whole in fp32 (a 4k-position row holds 140 MB of them), or with `trainer.logits_chunk` fused with the loss and
+tiled as the Thinker's head is (omni_train.head_loss).
 
 DPO (the paper's Talker stage 2; TRL's sigmoid loss, a test checks ours against TRL's): per triplet
   loss = -log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))) + sft_weight * mean CE of the chosen codes,
@@ -34,7 +35,7 @@ and the loss is ln 2.
 
 from __future__ import annotations
 
-import math
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ from torch import nn
 
 from data_prep.chatml import IGNORE
 from data_prep.layout import AUDIO, IMAGE, VIDEO
+from omni_train.head_loss import HeadLoss
 from omni_train.objectives import ThinkerLM
 
 OBJECTIVES = ("thinker", "talker_sft", "talker_dpo")
@@ -144,8 +146,13 @@ class TalkerLM(ThinkerLM):
     SFT, triplets for DPO) and a float64 vector of STATS sums, for the loop to normalise across ranks."""
 
     def __init__(self, thinker: nn.Module, talker: nn.Module, objective: str, speakers: dict[str, int],
-                 default_speaker: str, reference: nn.Module | None = None, beta: float = 0.1, sft_weight: float = 0.0):
+                 default_speaker: str, reference: nn.Module | None = None, beta: float = 0.1, sft_weight: float = 0.0,
+                 logits_chunk: int = 0):
         super().__init__(thinker)
+        # > 0: the codec head and its cross-entropy fused and tiled (omni_train.head_loss), as for the Thinker
+        self.head_losses = nn.ModuleDict({name: HeadLoss(model.codec_head, logits_chunk) for name, model in
+                                          (("talker", talker), ("reference", reference)) if model is not None}) \
+            if logits_chunk > 0 else None
         if objective not in ("talker_sft", "talker_dpo"):
             raise ValueError(f"TalkerLM objective must be talker_sft or talker_dpo, got {objective}")
         if default_speaker not in speakers:
@@ -229,18 +236,25 @@ class TalkerLM(ThinkerLM):
                      keep: torch.Tensor) -> torch.Tensor:
         """fp32 codec logits of `talker` (policy or reference) at the `keep` positions of the row (text track plus
         the embedded codec track, through the Talker's projection, decoder and head)."""
+        return talker.codec_head(self._hidden(talker, text, codec, positions)[keep]).float()
+
+    @staticmethod
+    def _hidden(talker: nn.Module, text: torch.Tensor, codec: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         inputs = text + torch.where((codec >= 0)[..., None],
                                     talker.get_input_embeddings()(codec.clamp(min=0)), 0.0).to(text.dtype)
-        hidden = talker.model(inputs_embeds=talker.thinker_to_talker_proj(inputs), position_ids=positions,
-                              use_cache=False).last_hidden_state
-        return talker.codec_head(hidden[keep]).float()
+        return talker.model(inputs_embeds=talker.thinker_to_talker_proj(inputs), position_ids=positions,
+                            use_cache=False).last_hidden_state
 
     def token_logps(self, talker: nn.Module, text: torch.Tensor, codec: torch.Tensor, positions: torch.Tensor,
                     targets: torch.Tensor) -> torch.Tensor:
-        """log p(target) at every labelled position of the row, under `talker`."""
+        """log p(target) at every labelled position of the row, under `talker` (tiled when logits_chunk > 0)."""
         keep = targets != IGNORE
-        return -F.cross_entropy(self.codec_logits(talker, text, codec, positions, keep), targets[keep],
-                                reduction="none")
+        if self.head_losses is None:
+            return -F.cross_entropy(self.codec_logits(talker, text, codec, positions, keep), targets[keep],
+                                    reduction="none")
+        hidden = self._hidden(talker, text, codec, positions)
+        head = self.head_losses["talker" if talker is self.talker else "reference"]
+        return -head(hidden[keep], targets[keep])
 
     def forward(self, input_ids, labels, position_ids, conditions, codes, code_lengths, speakers,
                 ref_logps=None, audio_features=None, audio_lengths=None, pixel_values=None, grid_thw=None):
@@ -308,10 +322,8 @@ def _samples(text_positions: torch.Tensor, labels: torch.Tensor) -> list[tuple[i
     out = []
     for r in range(text_positions.shape[0]):
         starts = (text_positions[r] == 0).nonzero().flatten().tolist() + [text_positions.shape[1]]
-        for a, b in zip(starts[:-1], starts[1:]):
+        for a, b in itertools.pairwise(starts):
             if (labels[r, a:b] != IGNORE).any():
                 out.append((r, a, b))
     return out
 
-
-LN2 = math.log(2.0)

@@ -96,6 +96,7 @@ def talker_engine(cfg: Config, world: int):
     """The Talker objective (talker_sft or talker_dpo) under its DeepSpeed engine: (engine, TalkerLM, scheduler).
     The Thinker is frozen; for DPO a frozen reference Talker with the starting weights joins the module (ZeRO-3
     partitions it like the rest) unless the shards carry precomputed reference log-probs."""
+    from omni_train import activations
     from omni_train.attention import use_packed_attention
     from omni_train.engine import deepspeed_config, freeze, initialize
     from omni_train.model import build_talker, build_thinker, load_speakers
@@ -111,16 +112,13 @@ def talker_engine(cfg: Config, world: int):
     reference = None
     if objective == "talker_dpo" and cfg.talker.reference == "model":
         reference, _ = build_talker(cfg.model, ds_config)
-    if cfg.trainer.checkpointing != "none":
-        every = cfg.trainer.checkpoint_every if cfg.trainer.checkpointing == "selective" else 1
-        talker.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
-                                               every_n_layers=every)
+    activations.checkpointing(talker, cfg.trainer)  # the Thinker runs without gradient: nothing to keep
     if cfg.model.attn_implementation == "sdpa":
         for model in (thinker.model.language_model, talker.model, *([reference.model] if reference else [])):
             use_packed_attention(model)
     speakers = {name: int(entry["bos_token"]) for name, entry in load_speakers(cfg.model, cfg.talker.speaker).items()}
     module = TalkerLM(thinker, talker, objective, speakers, cfg.talker.speaker, reference, cfg.talker.beta,
-                      cfg.talker.sft_weight)
+                      cfg.talker.sft_weight, cfg.trainer.logits_chunk)
     freeze(module, list(cfg.stage.trainable))
     stray = [n for n, p in module.named_parameters() if p.requires_grad and not n.startswith("talker.")]
     if stray:
@@ -136,7 +134,7 @@ def run(cfg: Config) -> dict:
     from omni_train.engine import init_distributed
     from omni_train.export import export_pretrained
     from omni_train.keymap import hub_name
-    from omni_train.loader import build_rank_loader
+    from omni_train.loader import NEEDS_SPEECH, build_rank_loader, check_speech
     from omni_train.metrics import Metrics
     from omni_train.model import param_counts
     from omni_train.plan import warn_if_too_big
@@ -162,7 +160,8 @@ def run(cfg: Config) -> dict:
 
     tokenizer = load_tokenizer(cfg.model.path)
     objective = cfg.stage.objective
-    speech = {"thinker": "none", "talker_sft": "chosen", "talker_dpo": "pair"}[objective]
+    speech = NEEDS_SPEECH[objective]
+    check_speech(cfg.data.sources, speech)
     loader = build_rank_loader(cfg.data, tokenizer, dp_rank, dp_world, t.seed, rows=t.micro_batch_size,
                                speech=speech)
     source_names = [s.name for s in cfg.data.sources]

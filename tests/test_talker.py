@@ -247,3 +247,37 @@ def test_sampled_codes_logits_equal_the_teacher_forced_forward():
         torch.testing.assert_close(got[:steps], raw[k, :steps], rtol=1e-5, atol=2e-6)
         checked += steps
     assert checked >= 6
+
+
+def test_tiled_codec_head_gives_the_plain_dpo_loss_and_gradients(sample_corpus, tmp_path):
+    """trainer.logits_chunk tiles the Talker's codec head too: same loss and gradients, with the reference."""
+    import webdataset as wds
+
+    from data_prep.build import build
+    from data_prep.config import from_overrides
+    from omni_train.batch import collate_packed, decode_sample
+
+    build(str(sample_corpus.parent / "triplets.jsonl"), str(tmp_path), from_overrides(["workers=1"]), progress=False)
+    urls = [str(p) for p in sorted(tmp_path.glob("shard-*.tar"))]
+    samples = [decode_sample(s) for _, s in zip(range(4), wds.WebDataset(urls, shardshuffle=False).decode())]
+    batch = collate_packed([samples[:2], samples[2:]], 256, 151643)
+    results = []
+    for chunk in (0, 16):
+        model = copy.deepcopy(_full_model())
+        use_packed_attention(model.thinker.model.language_model)
+        use_packed_attention(model.talker.model)
+        reference = copy.deepcopy(model.talker)
+        with torch.no_grad():  # a reference that differs from the policy, so the rewards are not all zero
+            reference.codec_head.weight.mul_(1.1)
+        objective = TalkerLM(model.thinker, model.talker, "talker_dpo", {"Chelsie": SPEAKER_BOS}, "Chelsie",
+                             reference, beta=0.1, sft_weight=0.3, logits_chunk=chunk)
+        loss, stats = objective(**batch)
+        loss.backward()
+        results.append((loss.detach(), stats, {n: p.grad.clone() for n, p in model.talker.named_parameters()}))
+    (plain, plain_stats, plain_grads), (tiled, tiled_stats, tiled_grads) = results
+    torch.testing.assert_close(tiled, plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tiled_stats, plain_stats, rtol=1e-5, atol=1e-5)
+    assert plain_stats.abs().sum() > 0
+    for name, want in plain_grads.items():
+        torch.testing.assert_close(tiled_grads[name], want, rtol=0, atol=1e-5 * float(want.abs().max()) + 1e-9,
+                                   msg=name)

@@ -149,3 +149,10 @@ def test_on_policy_pairs_train_with_their_recorded_reference(dpo, sample_corpus,
     _run("talker_dpo", dpo / "export", shards, run_dir, 2, "talker.reference=precomputed", "trainer.lr=1e-3")
     first = _metrics(run_dir)[0]
     assert abs(first["dpo/loss"] - math.log(2.0)) < 1e-5, first
+
+
+def test_a_talker_stage_on_data_without_speech_is_refused_before_it_starts(text_shards, tmp_path):
+    result = run_launch("stage=talker_sft", f"run_dir={tmp_path / 'run'}",
+                        f"data.sources=[{{name:chat,path:{text_shards}}}]")
+    assert result.returncode == 2
+    assert "data source chat" in result.stderr and "has no samples with speech codes" in result.stderr
