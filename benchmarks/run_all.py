@@ -40,6 +40,16 @@ RATIOS = {
 }
 
 
+def _write(path: Path, figures: dict, started: float) -> None:
+    out = {**figures, "started_unix": int(started)}
+    for ratio, source in RATIOS.items():
+        if source in figures:
+            out[ratio] = figures[source]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(dict(sorted(out.items())), indent=2) + "\n")
+    tmp.replace(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results.json")
@@ -66,17 +76,11 @@ def main() -> None:
         done = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *extra, "--json", str(out)],
                               cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
         if done.returncode != 0:
-            sys.exit(f"run_all: {name} failed (exit {done.returncode}); no results written")
+            sys.exit(f"run_all: {name} failed (exit {done.returncode}); {args.out} holds the benchmarks before it")
         figures.update(json.loads(out.read_text()))
         figures[f"seconds.{name}"] = round(time.perf_counter() - t0, 1)
-    for ratio, source in RATIOS.items():
-        if source in figures:
-            figures[ratio] = figures[source]
-    figures["started_unix"] = int(started)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(dict(sorted(figures.items())), indent=2) + "\n")
-    tmp.replace(args.out)
-    print(json.dumps({k: v for k, v in figures.items() if k.startswith("ratio.")}, indent=2))
+        _write(args.out, figures, started)  # after each benchmark: a later failure keeps what was measured
+    print(json.dumps({k: v for k, v in json.loads(args.out.read_text()).items() if k.startswith("ratio.")}, indent=2))
     print(f"run_all: {len(figures)} figures ({platform.machine()}, {os.cpu_count()} cores) -> {args.out}")
 
 
