@@ -1,15 +1,24 @@
 """`omni-launch`: validate the composed config, then start the training processes.
 
 Owns: composing the same Hydra config `omni-train` will see (so a bad override fails here with one line, before
-any process starts) and turning the `launcher` group into a process launch. Today: `launcher=local`, N processes
-on this machine through torchrun.
+any process starts) and turning the `launcher` group into a process launch:
+- `local`: N processes on this machine (torchrun --standalone);
+- `torchrun`: this node's torchrun in a multi-node job, meeting the others at a c10d rendezvous (run the same
+  command on every node; `launcher.node_rank` optional, `launcher.elastic=MIN:MAX`, `launcher.max_restarts`);
+- `deepspeed`: DeepSpeed's launcher with `launcher.hostfile` (it reaches the hosts over ssh/pdsh);
+- `slurm`: an sbatch script (one torchrun per node through srun, the rendezvous on the job's first node) written
+  into run_dir and submitted with sbatch.
+`--dry-run` prints the command (or the sbatch script) instead; `--wait` makes sbatch wait for the job's end.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -37,30 +46,109 @@ def compose(overrides: list[str]) -> Config:
     return cfg
 
 
+TRAIN = ["-m", "omni_train.train"]
+FLAGS = ("--dry-run", "--wait")
+
+
+def _torchrun(la, nodes: str, endpoint: str, rdzv_id: str, node_rank: int | None) -> list[str]:
+    args = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}",
+            f"--nproc_per_node={la.nproc_per_node}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
+            f"--rdzv_id={rdzv_id}", f"--max_restarts={la.max_restarts}"]
+    if node_rank is not None:
+        # the node that hosts the rendezvous store says so: with several nodes on one host (tests, a big box)
+        # torchrun cannot tell from the address alone
+        args += [f"--node_rank={node_rank}", f"--rdzv_conf=is_host={int(node_rank == 0)}"]
+    return args
+
+
 def command(cfg: Config, overrides: list[str]) -> list[str]:
-    """The torchrun command line that starts `cfg.launcher.nproc_per_node` training processes here."""
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={cfg.launcher.nproc_per_node}", "-m", "omni_train.train", *overrides,
-    ]
+    """The command line that starts this machine's training processes (local, torchrun, deepspeed)."""
+    la = cfg.launcher
+    if la.name in ("local", "none"):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={la.nproc_per_node}", f"--max_restarts={la.max_restarts}", *TRAIN, *overrides]
+    if la.name == "torchrun":
+        return [*_torchrun(la, la.elastic or str(la.nodes), la.rdzv_endpoint, la.rdzv_id, la.node_rank), *TRAIN,
+                *overrides]
+    if la.name == "deepspeed":
+        return [sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={la.hostfile}",
+                f"--num_nodes={la.nodes}", f"--num_gpus={la.nproc_per_node}", f"--master_addr={la.master_addr}",
+                f"--master_port={la.master_port}", "--module", "omni_train.train", *overrides]
+    raise ConfigError(f"launcher={la.name} has no command line: it submits a script (see sbatch_script)")
 
 
-def launch(overrides: list[str]) -> int:
+def sbatch_script(cfg: Config, overrides: list[str]) -> str:
+    """The sbatch script of a SLURM job: one torchrun per node (srun, one task per node), meeting at a c10d
+    rendezvous on the job's first node; the job's log goes to `launcher.slurm.output` (under run_dir)."""
+    la, sl = cfg.launcher, cfg.launcher.slurm
+    output = sl.output if os.path.isabs(sl.output) else os.path.join(os.path.abspath(cfg.run_dir), sl.output)
+    port = la.rdzv_endpoint.rpartition(":")[2]
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={sl.job_name}", f"#SBATCH --nodes={la.nodes}",
+             "#SBATCH --ntasks-per-node=1", f"#SBATCH --cpus-per-task={sl.cpus_per_task}",
+             f"#SBATCH --time={sl.time}", f"#SBATCH --output={output}", f"#SBATCH --chdir={os.getcwd()}"]
+    lines += [f"#SBATCH --gpus-per-node={sl.gpus_per_node}"] if sl.gpus_per_node else []
+    lines += [f"#SBATCH --partition={sl.partition}"] if sl.partition else []
+    lines += [f"#SBATCH --account={sl.account}"] if sl.account else []
+    lines += [f"#SBATCH {line}" for line in sl.extra]
+    run = _torchrun(la, "$SLURM_JOB_NUM_NODES", "$head_node:" + port, "$SLURM_JOB_ID", None)
+    quoted = " ".join(arg if arg.startswith(("--rdzv", "--nnodes")) else shlex.quote(arg)
+                      for arg in [*run, *TRAIN, *overrides])
+    env = "" if sl.gpus_per_node else "export DS_ACCELERATOR=cpu\n"
+    return "\n".join(lines) + f"""
+set -euo pipefail
+# the rendezvous store runs on the job's first node
+head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-1}}
+{env}echo "omni-launch: job $SLURM_JOB_ID on $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST), rendezvous $head_node:{port}"
+srun --kill-on-bad-exit=1 --ntasks-per-node=1 {quoted}
+"""
+
+
+def _submit(cfg: Config, overrides: list[str], dry_run: bool, wait: bool) -> int:
+    from omni_train.files import write_text_atomic
+
+    script = sbatch_script(cfg, overrides)
+    if dry_run:
+        print(script, end="")
+        return 0
+    if shutil.which("sbatch") is None:
+        raise ConfigError("launcher=slurm needs sbatch on PATH: run omni-launch on a SLURM login node (or use "
+                          "--dry-run to print the script)")
+    path = Path(cfg.run_dir) / "slurm.sbatch"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (Path(cfg.run_dir) / os.path.dirname(cfg.launcher.slurm.output)).mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, script)
+    done = subprocess.run(["sbatch", "--parsable", *(["--wait"] if wait else []), str(path)],
+                          capture_output=True, text=True)
+    job = done.stdout.strip().split(";")[0]
+    print(f"omni-launch: {'job ' + job + ' ' if job else ''}submitted {path}; its log: "
+          f"{cfg.launcher.slurm.output.replace('%x', cfg.launcher.slurm.job_name).replace('%j', job or '%j')}"
+          f"{'' if done.returncode == 0 else ' (sbatch: ' + done.stderr.strip() + ')'}", file=sys.stderr)
+    return done.returncode
+
+
+def launch(argv: list[str]) -> int:
     from omni_train.engine import check_patterns
     from omni_train.loader import NEEDS_SPEECH, check_speech
     from omni_train.model import thinker_parameter_names
 
+    overrides = [a for a in argv if a not in FLAGS]
+    dry_run, wait = "--dry-run" in argv, "--wait" in argv
     cfg = compose(overrides)
     validate(cfg)
     check_patterns(thinker_parameter_names(cfg.model, talker=cfg.stage.objective != "thinker"),
                    list(cfg.stage.trainable))
     check_speech(cfg.data.sources, NEEDS_SPEECH[cfg.stage.objective])
-    if cfg.launcher.name != "local":
-        raise ConfigError(f"launcher={cfg.launcher.name} is not available yet: use launcher=local")
+    if cfg.launcher.name == "slurm":
+        return _submit(cfg, overrides, dry_run, wait)
+    cmd = command(cfg, overrides)
+    if dry_run:
+        print(shlex.join(cmd))
+        return 0
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")  # say so, rather than have every rank warn that it guessed
-    return subprocess.call(command(cfg, overrides), env=env)
+    return subprocess.call(cmd, env=env)
 
 
 def main() -> None:

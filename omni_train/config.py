@@ -158,11 +158,41 @@ class LoggingConfig:
 
 
 @dataclass
+class SlurmConfig:
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: str = "01:00:00"
+    # GPUs per node to request (0: none, e.g. a CPU cluster); nproc_per_node processes run on each node.
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    job_name: str = "omni-train"
+    # Where sbatch writes each job's log (%x job name, %j job id); relative paths are under run_dir.
+    output: str = "logs/%x-%j.out"
+    # Extra `#SBATCH` lines, verbatim (e.g. "--exclusive", "--qos=high").
+    extra: list[str] = field(default_factory=list)
+
+
+@dataclass
 class LauncherConfig:
+    # local | torchrun | deepspeed | slurm (launch/cli.py)
     name: str = "none"
     # Processes per machine (GPUs per node on a cluster); `omni-launch` starts them, `omni-train` is one of them.
     nproc_per_node: int = 1
-    nnodes: int = 1
+    nodes: int = 1
+    # torchrun: this machine's index among the nodes (None: c10d assigns one on arrival).
+    node_rank: Optional[int] = None
+    # torchrun's c10d rendezvous store (host:port of one node every node reaches) and the job's name in it.
+    rdzv_endpoint: str = "127.0.0.1:29400"
+    rdzv_id: str = "omni-train"
+    # Elastic node range "min:max" (empty: exactly `nodes`).
+    elastic: str = ""
+    # Times torchrun restarts the workers after a failure; a restart resumes from the newest complete checkpoint.
+    max_restarts: int = 0
+    # DeepSpeed's launcher: its hostfile ("host slots=N" lines) and the first host's address and port.
+    hostfile: Optional[str] = None
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 @dataclass
@@ -275,13 +305,31 @@ def validate(cfg: Config) -> None:
     from omni_train.checkpoint import complete_checkpoints
 
     _check(
-        cfg.resume != "none" or not complete_checkpoints(cfg.run_dir),
+        cfg.resume != "none" or cfg.launcher.max_restarts > 0 or not complete_checkpoints(cfg.run_dir),
         f"run_dir={cfg.run_dir} already holds checkpoints: pass resume=auto to continue it, or choose another run_dir",
     )
     _check(cfg.launcher.nproc_per_node > 0, f"launcher.nproc_per_node={cfg.launcher.nproc_per_node} must be positive")
-    _check(cfg.launcher.nnodes > 0, f"launcher.nnodes={cfg.launcher.nnodes} must be positive")
+    _check(cfg.launcher.nodes > 0, f"launcher.nodes={cfg.launcher.nodes} must be positive")
+    _check_launcher(cfg.launcher)
     _check(len(cfg.stage.trainable) > 0, "stage.trainable is empty: list the parameter patterns that train")
-    _check_sequence_parallel(cfg, cfg.launcher.nproc_per_node * cfg.launcher.nnodes)
+    _check_sequence_parallel(cfg, cfg.launcher.nproc_per_node * cfg.launcher.nodes)
+
+
+def _check_launcher(la: LauncherConfig) -> None:
+    _check(la.name in ("none", "local", "torchrun", "deepspeed", "slurm"),
+           f"launcher={la.name} is not one of local, torchrun, deepspeed, slurm")
+    _check(la.node_rank is None or 0 <= la.node_rank < la.nodes,
+           f"launcher.node_rank={la.node_rank} must lie in [0, launcher.nodes={la.nodes})")
+    _check(la.max_restarts >= 0, f"launcher.max_restarts={la.max_restarts} must be >= 0")
+    host, _, port = la.rdzv_endpoint.rpartition(":")
+    _check(bool(host) and port.isdigit(), f"launcher.rdzv_endpoint={la.rdzv_endpoint} must be host:port")
+    if la.elastic:
+        low, _, high = la.elastic.partition(":")
+        _check(low.isdigit() and high.isdigit() and 0 < int(low) <= int(high),
+               f"launcher.elastic={la.elastic} must be MIN:MAX nodes, 0 < MIN <= MAX")
+    if la.name == "deepspeed":
+        _check(la.hostfile is not None and os.path.isfile(la.hostfile),
+               f"launcher.hostfile={la.hostfile} is not a file: DeepSpeed's launcher needs one ('host slots=N' lines)")
 
 
 def _check_sequence_parallel(cfg: Config, world: int) -> None:
@@ -297,7 +345,7 @@ def _check_sequence_parallel(cfg: Config, world: int) -> None:
            f"divides {text.num_attention_heads} query heads and divides or is a multiple of "
            f"{text.num_key_value_heads} key/value heads")
     _check(world % sp == 0, f"trainer.sequence_parallel={sp} must divide the number of processes ({world}): change "
-           "launcher.nproc_per_node / launcher.nnodes or the degree")
+           "launcher.nproc_per_node / launcher.nodes or the degree")
     _check(cfg.data.pad_to_multiple_of % sp == 0,
            f"data.pad_to_multiple_of={cfg.data.pad_to_multiple_of} must be a multiple of trainer.sequence_parallel={sp} "
            "so every rank holds the same number of tokens")

@@ -28,6 +28,8 @@ def init_distributed(timeout_min: float) -> tuple[int, int]:
     one). Returns (rank, world_size)."""
     import deepspeed
 
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        _ranks_from_slurm()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -42,6 +44,25 @@ def init_distributed(timeout_min: float) -> tuple[int, int]:
             verbose=False,
         )
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _ranks_from_slurm() -> None:
+    """Ranks and rendezvous of a process started by `srun` directly (one task per GPU, no torchrun): rank, world and
+    local rank from SLURM's task variables, the master on the job's first node."""
+    env = os.environ
+    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ("node[03-05,07],gpu1" -> "node03")."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist.split("]")[0] + "]"
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)
+    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
 
 
 def shutdown() -> None:

@@ -4,7 +4,7 @@ Owns: the memory model below, computed from the composed config (model preset, s
 batch, row length, sequence parallelism, ZeRO offload, activation checkpointing, loss tiling) on a meta-device
 Thinker, and the start-of-training check that warns when it will not fit the GPU.
 
-Per GPU, with W = launcher.nnodes x launcher.nproc_per_node ranks, N parameters (N_t trainable), p bytes per
+Per GPU, with W = launcher.nodes x launcher.nproc_per_node ranks, N parameters (N_t trainable), p bytes per
 parameter element (2 for bf16/fp16, 4 for fp32), T = micro_batch_size x max_len / sequence_parallel tokens:
 - parameters: N x p / W (ZeRO-3 partitions them; 0 with offload_param=cpu);
 - optimizer and gradients: N_t x 16 / W with 16-bit weights (fp32 master, Adam m and v, fp32 gradient partition),
@@ -69,7 +69,7 @@ def estimate(cfg: Config) -> dict[str, float]:
         total += p.numel()
         trainable += p.numel() if any(fnmatch.fnmatchcase(f"thinker.{name}", g) for g in globs) else 0
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in thinker.modules())
-    world = cfg.launcher.nnodes * cfg.launcher.nproc_per_node
+    world = cfg.launcher.nodes * cfg.launcher.nproc_per_node
     element = DTYPES[cfg.model.dtype].itemsize
     ds = cfg.deepspeed
     lines = model_states(total, trainable, largest, world, element, ds.offload_param != "none",
@@ -94,8 +94,8 @@ def estimate(cfg: Config) -> dict[str, float]:
 def report(cfg: Config, gpu_gb: float) -> tuple[str, bool]:
     lines = estimate(cfg)
     total = sum(lines.values())
-    world, t = cfg.launcher.nnodes * cfg.launcher.nproc_per_node, cfg.trainer
-    head = (f"memory plan per GPU: model={cfg.model.preset} stage={cfg.stage.name} {cfg.launcher.nnodes} node(s) x "
+    world, t = cfg.launcher.nodes * cfg.launcher.nproc_per_node, cfg.trainer
+    head = (f"memory plan per GPU: model={cfg.model.preset} stage={cfg.stage.name} {cfg.launcher.nodes} node(s) x "
             f"{cfg.launcher.nproc_per_node} = {world} ranks, micro batch {cfg.trainer.micro_batch_size} x "
             f"{cfg.data.max_len} tokens, sequence parallel {cfg.trainer.sequence_parallel}, "
             f"{cfg.model.dtype}, checkpointing {t.checkpointing}{' (offloaded)' if t.offload_activations else ''}, "

@@ -8,6 +8,7 @@ train, which data, which objective), never in a copy of this loop.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -140,6 +141,11 @@ def run(cfg: Config) -> dict:
     from omni_train.plan import warn_if_too_big
     from omni_train.tokenizer import load_tokenizer
 
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) or int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    if (restarted or cfg.launcher.max_restarts) and cfg.resume == "none":
+        # A job that may restart continues from its newest complete checkpoint, on every node alike (a replaced
+        # node's fresh agent counts no restart of its own), and starts from scratch when there is none.
+        cfg.resume = "auto"
     validate(cfg)
     t = cfg.trainer
     rank, world = init_distributed(t.dist_timeout_min)
@@ -308,6 +314,14 @@ def _entry(dict_cfg) -> None:
     except ConfigError as e:  # Hydra would print a trace for an exception; a user error gets one line
         print(f"omni-train: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except torch.distributed.DistError as e:
+        # A peer died (connection closed) or stopped answering (trainer.dist_timeout_min): this rank stops too. The
+        # launcher's summary names the rank that failed first; with launcher.max_restarts the job restarts and
+        # resumes from the newest complete checkpoint.
+        rank = os.environ.get("RANK", "?")
+        print(f"omni-train: rank {rank}: lost contact with a peer in a collective ({str(e).splitlines()[0][:200]}); "
+              f"stopping (the first failed rank is in the launcher's summary)", file=sys.stderr)
+        sys.exit(3)
 
 
 def main() -> None:

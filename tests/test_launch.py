@@ -1,0 +1,101 @@
+"""Launchers: the command (or sbatch script) each one produces, rank detection under SLURM, and two real nodes on
+the loopback: two `omni-launch launcher=torchrun` invocations (node ranks 0 and 1) meeting at a c10d rendezvous,
+training the tiny model under ZeRO-3 with its parameters sharded across both."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from launch.cli import command, compose
+from omni_train.config import ConfigError, validate
+from omni_train.engine import first_host
+from tests.conftest import REPO, data_args, launch_cmd
+
+
+def test_torchrun_command_names_the_rendezvous_nodes_and_restarts():
+    cfg = compose(["launcher=torchrun", "launcher.nodes=4", "launcher.nproc_per_node=8", "launcher.node_rank=2",
+                   "launcher.rdzv_endpoint=node0:29400", "launcher.max_restarts=3"])
+    cmd = command(cfg, ["stage=sft"])
+    for part in ("--nnodes=4", "--nproc_per_node=8", "--rdzv_backend=c10d", "--rdzv_endpoint=node0:29400",
+                 "--max_restarts=3", "--node_rank=2", "--rdzv_conf=is_host=0"):
+        assert part in cmd, (part, cmd)
+    assert cmd[-3:] == ["-m", "omni_train.train", "stage=sft"]
+    elastic = command(compose(["launcher=torchrun", "launcher.elastic=2:4"]), [])
+    assert "--nnodes=2:4" in elastic
+
+
+def test_deepspeed_command_takes_the_hostfile(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node0 slots=8\nnode1 slots=8\n")
+    cfg = compose(["launcher=deepspeed", f"launcher.hostfile={hostfile}", "launcher.master_addr=node0"])
+    cmd = command(cfg, ["stage=sft"])
+    assert f"--hostfile={hostfile}" in cmd and "--num_nodes=2" in cmd and "--num_gpus=8" in cmd
+    assert "--master_addr=node0" in cmd and cmd[-3:] == ["--module", "omni_train.train", "stage=sft"]
+    with pytest.raises(ConfigError, match="launcher.hostfile=None is not a file"):
+        validate(compose(["launcher=deepspeed"]))
+
+
+def test_slurm_dry_run_prints_the_sbatch_script():
+    done = subprocess.run(launch_cmd("launcher=slurm", "launcher.nodes=2", "launcher.slurm.partition=gpu",
+                                     "launcher.slurm.gpus_per_node=8", "trainer.lr=3e-4", "run_dir=/shared/runs/x",
+                                     "--dry-run"), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    script = done.stdout
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --output=/shared/runs/x/logs/%x-%j.out"):
+        assert line in script, line
+    assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
+    assert "srun --kill-on-bad-exit=1" in script and "--rdzv_endpoint=$head_node:29400" in script
+    assert "--nnodes=$SLURM_JOB_NUM_NODES" in script and "--rdzv_id=$SLURM_JOB_ID" in script
+    assert "trainer.lr=3e-4" in script and "--dry-run" not in script and "DS_ACCELERATOR" not in script
+    bash = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+    assert bash.returncode == 0, bash.stderr
+
+
+def test_bad_launcher_settings_are_named():
+    with pytest.raises(ConfigError, match=r"launcher.node_rank=2 must lie in \[0, launcher.nodes=2\)"):
+        validate(compose(["launcher=torchrun", "launcher.node_rank=2"]))
+    with pytest.raises(ConfigError, match="launcher.elastic=4:2 must be MIN:MAX"):
+        validate(compose(["launcher=torchrun", "launcher.elastic=4:2"]))
+    with pytest.raises(ConfigError, match="launcher.rdzv_endpoint=node0 must be host:port"):
+        validate(compose(["launcher=torchrun", "launcher.rdzv_endpoint=node0"]))
+
+
+@pytest.mark.parametrize("nodelist, first", [("node[03-05,07],gpu1", "node03"), ("a1,b2", "a1"), ("solo", "solo"),
+                                             ("gpu[12]", "gpu12")])
+def test_the_first_host_of_a_slurm_node_list(nodelist, first):
+    assert first_host(nodelist) == first
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node(rank: int, port: int, run_dir: Path, shards: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(launch_cmd("launcher=torchrun", "launcher.nodes=2", "launcher.nproc_per_node=1",
+                                       f"launcher.node_rank={rank}", f"launcher.rdzv_endpoint=127.0.0.1:{port}",
+                                       f"run_dir={run_dir}", *data_args(shards), "trainer.warmup_steps=0", *extra),
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def test_two_nodes_on_the_loopback_train_one_zero3_model(text_shards, tmp_path):
+    port, run_dir = _free_port(), tmp_path / "run"
+    nodes = [_node(rank, port, run_dir, text_shards, "trainer.max_steps=4", "trainer.save_every=4")
+             for rank in (0, 1)]
+    outputs = [n.communicate(timeout=600) for n in nodes]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    total = summary["total_params"]
+    assert all(abs(local - total / 2) < 0.01 * total for local in summary["local_params_per_rank"])
