@@ -30,7 +30,7 @@ def test_torchrun_command_names_the_rendezvous_nodes_and_restarts():
     assert "--nnodes=2:4" in elastic
 
 
-def test_deepspeed_command_takes_the_hostfile(tmp_path):
+def test_deepspeed_command_takes_the_hostfile(tmp_path, text_shards):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node0 slots=8\nnode1 slots=8\n")
     cfg = compose(["launcher=deepspeed", f"launcher.hostfile={hostfile}", "launcher.master_addr=node0"])
@@ -38,12 +38,12 @@ def test_deepspeed_command_takes_the_hostfile(tmp_path):
     assert f"--hostfile={hostfile}" in cmd and "--num_nodes=2" in cmd and "--num_gpus=8" in cmd
     assert "--master_addr=node0" in cmd and cmd[-3:] == ["--module", "omni_train.train", "stage=sft"]
     with pytest.raises(ConfigError, match="launcher.hostfile=None is not a file"):
-        validate(compose(["launcher=deepspeed"]))
+        validate(compose(["launcher=deepspeed", *data_args(text_shards)]))
 
 
-def test_slurm_dry_run_prints_the_sbatch_script():
-    done = subprocess.run(launch_cmd("launcher=slurm", "launcher.nodes=2", "launcher.slurm.partition=gpu",
-                                     "launcher.slurm.gpus_per_node=8", "trainer.lr=3e-4", "run_dir=/shared/runs/x",
+def test_slurm_dry_run_prints_the_sbatch_script(text_shards):
+    done = subprocess.run(launch_cmd("launcher=slurm", *data_args(text_shards), "launcher.nodes=2",
+                                     "launcher.slurm.partition=gpu", "launcher.slurm.gpus_per_node=8", "trainer.lr=3e-4", "run_dir=/shared/runs/x",
                                      "--dry-run"), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     script = done.stdout
@@ -58,13 +58,14 @@ def test_slurm_dry_run_prints_the_sbatch_script():
     assert bash.returncode == 0, bash.stderr
 
 
-def test_bad_launcher_settings_are_named():
+def test_bad_launcher_settings_are_named(text_shards):
+    data = data_args(text_shards)
     with pytest.raises(ConfigError, match=r"launcher.node_rank=2 must lie in \[0, launcher.nodes=2\)"):
-        validate(compose(["launcher=torchrun", "launcher.node_rank=2"]))
+        validate(compose(["launcher=torchrun", "launcher.node_rank=2", *data]))
     with pytest.raises(ConfigError, match="launcher.elastic=4:2 must be MIN:MAX"):
-        validate(compose(["launcher=torchrun", "launcher.elastic=4:2"]))
+        validate(compose(["launcher=torchrun", "launcher.elastic=4:2", *data]))
     with pytest.raises(ConfigError, match="launcher.rdzv_endpoint=node0 must be host:port"):
-        validate(compose(["launcher=torchrun", "launcher.rdzv_endpoint=node0"]))
+        validate(compose(["launcher=torchrun", "launcher.rdzv_endpoint=node0", *data]))
 
 
 @pytest.mark.parametrize("nodelist, first", [("node[03-05,07],gpu1", "node03"), ("a1,b2", "a1"), ("solo", "solo"),
