@@ -99,7 +99,8 @@ set -euo pipefail
 # the rendezvous store runs on the job's first node
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-1}}
-{env}echo "omni-launch: job $SLURM_JOB_ID on $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST), rendezvous $head_node:{port}"
+{env}echo "omni-launch: job $SLURM_JOB_ID on $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST)," \
+    "rendezvous $head_node:{port}"
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 {quoted}
 """
 

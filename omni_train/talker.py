@@ -10,7 +10,7 @@ then <|im_end|>; P prompt tokens before t_0; codec ids c_0..c_{T-1}), the Talker
   0 .. P-1         hidden_p + embed_p (media positions' embed zeroed)  - (mask id, not embedded)  -
   P                embed(speaker's text bos)                           embed(codec pad 8292)  -
   P + 1            hidden(t_0) + embed(t_0)                            embed(codec bos 8293)  c_0
-  P + 2 + k        reply[k]                                            embed(c_k)             c_{k+1} (eos 8294 after c_{T-1})
+  P + 2 + k        reply[k]                                            embed(c_k)             c_{k+1} (last: eos 8294)
 
 where hidden is the Thinker's last hidden state (after its final norm), embed its input embedding, and reply =
 [hidden + embed of t_1..t_{m-1}, embed(tts_text_eos 151861), then embed(tts_text_pad 151859) for ever]: one text
@@ -290,7 +290,8 @@ class TalkerLM(ThinkerLM):
         dpo, reward_w, reward_l = dpo_sigmoid_loss(per_seq[:n], per_seq[n:], ref[:n], ref[n:], self.beta)
         sft = -per_seq[:n] / tokens[:n]  # mean CE of each chosen sequence
         loss = (dpo + self.sft_weight * sft).sum()
-        stats.update(loss=loss.item(), units=n, sft_loss=(-per_seq[:n]).sum().item(), sft_tokens=tokens[:n].sum().item(),
+        stats.update(loss=loss.item(), units=n, sft_loss=(-per_seq[:n]).sum().item(),
+                     sft_tokens=tokens[:n].sum().item(),
                      dpo_loss=dpo.sum().item(), correct=(reward_w > reward_l).sum().item(),
                      margin=(reward_w - reward_l).sum().item(), reward_chosen=reward_w.sum().item(),
                      reward_rejected=reward_l.sum().item(), logp_chosen=per_seq[:n].sum().item(),

@@ -42,9 +42,9 @@ def test_deepspeed_command_takes_the_hostfile(tmp_path, text_shards):
 
 
 def test_slurm_dry_run_prints_the_sbatch_script(text_shards):
-    done = subprocess.run(launch_cmd("launcher=slurm", *data_args(text_shards), "launcher.nodes=2",
-                                     "launcher.slurm.partition=gpu", "launcher.slurm.gpus_per_node=8", "trainer.lr=3e-4", "run_dir=/shared/runs/x",
-                                     "--dry-run"), cwd=REPO, capture_output=True, text=True, timeout=120)
+    args = ["launcher=slurm", *data_args(text_shards), "launcher.nodes=2", "launcher.slurm.partition=gpu",
+            "launcher.slurm.gpus_per_node=8", "trainer.lr=3e-4", "run_dir=/shared/runs/x", "--dry-run"]
+    done = subprocess.run(launch_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     script = done.stdout
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",

@@ -185,8 +185,9 @@ def _trl_loss(policy_tokens: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Ten
     from trl import DPOTrainer
 
     rows, length = policy_tokens.shape
-    outputs = SimpleNamespace(log_probs=policy_tokens, entropy=torch.zeros(rows, length),
-                              mean_logits=torch.zeros(rows, length), is_top1=torch.zeros(rows, length, dtype=torch.bool))
+    zeros = torch.zeros(rows, length)
+    outputs = SimpleNamespace(log_probs=policy_tokens, entropy=zeros, mean_logits=zeros,
+                              is_top1=torch.zeros(rows, length, dtype=torch.bool))
     trainer = SimpleNamespace(
         model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False,
         ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl", beta=beta,
