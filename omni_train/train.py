@@ -314,7 +314,9 @@ def _entry(dict_cfg) -> None:
     except ConfigError as e:  # Hydra would print a trace for an exception; a user error gets one line
         print(f"omni-train: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except torch.distributed.DistError as e:
+    except (torch.distributed.DistError, RuntimeError) as e:
+        if not _lost_peer(e):
+            raise
         # A peer died (connection closed) or stopped answering (trainer.dist_timeout_min): this rank stops too. The
         # launcher's summary names the rank that failed first; with launcher.max_restarts the job restarts and
         # resumes from the newest complete checkpoint.
@@ -322,6 +324,14 @@ def _entry(dict_cfg) -> None:
         print(f"omni-train: rank {rank}: lost contact with a peer in a collective ({str(e).splitlines()[0][:200]}); "
               f"stopping (the first failed rank is in the launcher's summary)", file=sys.stderr)
         sys.exit(3)
+
+
+# What gloo and NCCL say when a peer process or node is gone or silent.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "NCCL communicator")
+
+
+def _lost_peer(error: Exception) -> bool:
+    return isinstance(error, torch.distributed.DistError) or any(s in str(error) for s in PEER_LOST)
 
 
 def main() -> None:
