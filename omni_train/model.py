@@ -110,16 +110,22 @@ def thinker_parameter_names(cfg: ModelConfig, talker: bool = False) -> list[str]
     return [f"{prefix}.{n}" for prefix, model in parts.items() for n, _ in model.named_parameters()]
 
 
+def _zero3_hook(ds_config: dict | None):
+    """transformers partitions a model at construction only while an HfDeepSpeedConfig object is alive: one for a
+    ZeRO-3 config (the caller keeps it with the model), None otherwise."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
+    return HfDeepSpeedConfig(ds_config) if zero3 else None
+
+
 def build_thinker(cfg: ModelConfig, ds_config: dict | None):
     """Instantiate the Thinker, partitioned under ZeRO-3 when `ds_config` enables stage 3, with weights
     from `cfg.path` when given (random init from the preset otherwise)."""
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
-    from transformers.integrations import HfDeepSpeedConfig
 
     config = omni_config(cfg).thinker_config
-    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
-    # transformers only partitions at construction while an HfDeepSpeedConfig object is alive.
-    hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None
+    hf_ds = _zero3_hook(ds_config)
     model = Qwen2_5OmniThinkerForConditionalGeneration._from_config(
         config, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation
     )
@@ -148,11 +154,9 @@ def build_talker(cfg: ModelConfig, ds_config: dict | None) -> tuple[nn.Module, b
     Thinker, with the weights of `model.path` when it holds a Talker; (model, whether weights were loaded). A
     Thinker-only checkpoint (the Thinker stages' exports) leaves the Talker at its random initialisation."""
     from transformers import Qwen2_5OmniTalkerForConditionalGeneration
-    from transformers.integrations import HfDeepSpeedConfig
 
     config = omni_config(cfg).talker_config
-    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
-    hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None
+    hf_ds = _zero3_hook(ds_config)
     with _transformers_log_level(logging.ERROR):  # its config's Thinker ids lie outside the codec vocabulary
         model = Qwen2_5OmniTalkerForConditionalGeneration._from_config(
             config, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation)

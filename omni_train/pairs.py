@@ -149,9 +149,8 @@ SCORERS = {"wer": wer_scorer, "pauses": pause_scorer}
 
 
 def _sample_of(record: dict, base: Path, tokenizer):
-    """One conversation through the training data path (omni-prep's prepare, then the loader's decode)."""
-    import webdataset  # noqa: F401 - the decoders below are webdataset's own formats: json and npy only
-
+    """One conversation through the training data path (omni-prep's prepare, then the loader's decode; json and
+    npy members decoded as the loader's safe decoder does, never pickle)."""
     from data_prep.build import prepare
     from data_prep.config import PrepConfig
     from omni_train.batch import decode_sample
