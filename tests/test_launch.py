@@ -15,6 +15,7 @@ import pytest
 from launch.cli import command, compose
 from omni_train.config import ConfigError, validate
 from omni_train.engine import first_host
+from tests import slurm_cluster
 from tests.conftest import REPO, data_args, launch_cmd
 
 
@@ -100,3 +101,33 @@ def test_two_nodes_on_the_loopback_train_one_zero3_model(text_shards, tmp_path):
     assert summary["world_size"] == 2 and summary["steps"] == 4
     total = summary["total_params"]
     assert all(abs(local - total / 2) < 0.01 * total for local in summary["local_params_per_rank"])
+
+
+@pytest.mark.skipif(bool(slurm_cluster.missing()), reason=f"SLURM is not installed here (missing: "
+                    f"{', '.join(slurm_cluster.missing())}; `apt-get install slurm-wlm munge`, as .ci/run does)")
+def test_slurm_job_on_a_real_one_node_cluster(text_shards, tmp_path):
+    """`omni-launch launcher=slurm --wait` on a real cluster (munged, slurmctld, slurmd started here): sbatch takes the
+    generated script, srun starts torchrun on the node, two ranks train under ZeRO-3 and save a checkpoint."""
+    run_dir = tmp_path / "run"
+    cluster = slurm_cluster.Cluster(tmp_path / "slurm")
+    (tmp_path / "slurm").mkdir()
+    with cluster as env:
+        env["OMP_NUM_THREADS"] = "1"
+        done = subprocess.run(launch_cmd("launcher=slurm", "launcher.nodes=1", "launcher.nproc_per_node=2",
+                                         f"launcher.slurm.cpus_per_task={os.cpu_count()}",
+                                         f"launcher.rdzv_endpoint=127.0.0.1:{_free_port()}", f"run_dir={run_dir}",
+                                         *data_args(text_shards), "trainer.warmup_steps=0", "trainer.max_steps=2",
+                                         "trainer.save_every=2", "--wait"),
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        logs = list((run_dir / "logs").glob("omni-train-*.out"))
+        job_log = logs[0].read_text() if logs else "(no job log)"
+        assert done.returncode == 0, (done.stderr[-2000:], job_log[-4000:], cluster.log("slurmd"))
+    job = done.stderr.split("job ")[1].split()[0]
+    assert logs == [run_dir / "logs" / f"omni-train-{job}.out"], logs
+    assert f"omni-launch: job {job} on 1 node(s) ({cluster.node})" in job_log, job_log[:2000]
+    assert (run_dir / "slurm.sbatch").read_text().startswith("#!/bin/bash")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    assert (ckpt / "COMPLETE").is_file() and {p.name for p in ckpt.glob("run_state_rank*.json")} == {
+        "run_state_rank0.json", "run_state_rank1.json"}, sorted(p.name for p in run_dir.rglob("*"))[:40]
