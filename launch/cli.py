@@ -48,6 +48,11 @@ def compose(overrides: list[str]) -> Config:
 
 TRAIN = ["-m", "omni_train.train"]
 FLAGS = ("--dry-run", "--wait")
+# torchrun's c10d rendezvous shares its TCPStore with the workers by default, and then a node that comes back after
+# a failure never joins the restarted round: the old node caches the store's address and does not publish it again
+# under the new round's keys, the new one waits for it, and both time out (pytorch/pytorch#135712; seen here with
+# torch 2.13). With the sharing off, every round publishes its own address.
+RDZV_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def _torchrun(la, nodes: str, endpoint: str, rdzv_id: str, node_rank: int | None) -> list[str]:
@@ -93,7 +98,8 @@ def sbatch_script(cfg: Config, overrides: list[str]) -> str:
     run = _torchrun(la, "$SLURM_JOB_NUM_NODES", "$head_node:" + port, "$SLURM_JOB_ID", None)
     quoted = " ".join(arg if arg.startswith(("--rdzv", "--nnodes")) else shlex.quote(arg)
                       for arg in [*run, *TRAIN, *overrides])
-    env = "" if sl.gpus_per_node else "export DS_ACCELERATOR=cpu\n"
+    env = "".join(f"export {k}={v}\n" for k, v in RDZV_ENV.items())
+    env += "" if sl.gpus_per_node else "export DS_ACCELERATOR=cpu\n"
     return "\n".join(lines) + f"""
 set -euo pipefail
 # the rendezvous store runs on the job's first node
@@ -146,7 +152,7 @@ def launch(argv: list[str]) -> int:
     if dry_run:
         print(shlex.join(cmd))
         return 0
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **RDZV_ENV)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")  # say so, rather than have every rank warn that it guessed
     return subprocess.call(cmd, env=env)

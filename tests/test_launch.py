@@ -1,15 +1,20 @@
-"""Launchers: the command (or sbatch script) each one produces, rank detection under SLURM, and two real nodes on
-the loopback: two `omni-launch launcher=torchrun` invocations (node ranks 0 and 1) meeting at a c10d rendezvous,
-training the tiny model under ZeRO-3 with its parameters sharded across both."""
+"""Launchers: the command (or sbatch script) each one produces, rank detection under SLURM, two real nodes on the
+loopback (two `omni-launch launcher=torchrun` invocations, node ranks 0 and 1, meeting at a c10d rendezvous and
+training the tiny model under ZeRO-3 with its parameters sharded across both), a real one-node SLURM cluster, and
+a node lost mid-run (killed or frozen) whose peer stops in bounded time and whose return finishes the run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from launch.cli import command, compose
@@ -82,21 +87,30 @@ def _free_port() -> int:
 
 
 def _node(rank: int, port: int, run_dir: Path, shards: Path, *extra: str) -> subprocess.Popen:
+    """One node's `omni-launch launcher=torchrun`; its output goes to run_dir/../node{rank}-{n}.log (read by _log)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(launch_cmd("launcher=torchrun", "launcher.nodes=2", "launcher.nproc_per_node=1",
+    n = len(list(run_dir.parent.glob(f"node{rank}-*.log")))
+    log = open(run_dir.parent / f"node{rank}-{n}.log", "w")  # noqa: SIM115 (the child holds it)
+    proc = subprocess.Popen(launch_cmd("launcher=torchrun", "launcher.nodes=2", "launcher.nproc_per_node=1",
                                        f"launcher.node_rank={rank}", f"launcher.rdzv_endpoint=127.0.0.1:{port}",
                                        f"run_dir={run_dir}", *data_args(shards), "trainer.warmup_steps=0", *extra),
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    log.close()
+    proc.log = Path(log.name)
+    return proc
+
+
+def _log(node: subprocess.Popen, tail: int = 4000) -> str:
+    return node.log.read_text(errors="replace")[-tail:]
 
 
 def test_two_nodes_on_the_loopback_train_one_zero3_model(text_shards, tmp_path):
     port, run_dir = _free_port(), tmp_path / "run"
     nodes = [_node(rank, port, run_dir, text_shards, "trainer.max_steps=4", "trainer.save_every=4")
              for rank in (0, 1)]
-    outputs = [n.communicate(timeout=600) for n in nodes]
-    for node, (_, err) in zip(nodes, outputs):
-        assert node.returncode == 0, err[-3000:]
+    for node in nodes:
+        assert node.wait(timeout=600) == 0, _log(node)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
     total = summary["total_params"]
@@ -131,3 +145,72 @@ def test_slurm_job_on_a_real_one_node_cluster(text_shards, tmp_path):
     ckpt = run_dir / "checkpoints" / "step_00000002"
     assert (ckpt / "COMPLETE").is_file() and {p.name for p in ckpt.glob("run_state_rank*.json")} == {
         "run_state_rank0.json", "run_state_rank1.json"}, sorted(p.name for p in run_dir.rglob("*"))[:40]
+
+
+def _signal_tree(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    """Signal a launcher and every process under it (torchrun starts its workers in sessions of their own, so the
+    launcher's process group does not reach them)."""
+    root = psutil.Process(proc.pid)
+    for p in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    _signal_tree(proc, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The training processes torchrun started under a launcher (the leaves: torchrun starts them through a helper
+    process that carries the same command line)."""
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        train = [p for p in tree if "omni_train.train" in " ".join(p.cmdline())]
+        return [p for p in train if not any(c in train for c in p.children())]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _wait_for(what: str, ready, timeout: float, nodes: list[subprocess.Popen]) -> float:
+    start = time.monotonic()
+    while not ready():
+        if time.monotonic() - start > timeout or any(n.poll() is not None for n in nodes):
+            for n in nodes:
+                _kill_tree(n)
+            raise AssertionError(f"{what}: not within {timeout:.0f} s; nodes' stderr:\n" +
+                                 "\n---\n".join(_log(n) for n in nodes))
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("failure", ["killed", "frozen"])
+def test_a_lost_node_stops_its_peers_and_the_restarted_job_resumes(failure, text_shards, tmp_path):
+    """Node 1 is lost after the step-4 checkpoint, either killed (its launcher, torchrun and worker SIGKILLed: its
+    sockets close) or frozen (SIGSTOP: a hung or unreachable node, whose sockets stay open and silent): node 0's worker
+    stops with a message naming its rank (at once, or when the 30-s collective timeout expires), node 0's torchrun
+    (max_restarts) waits at the rendezvous; node 1 comes back and the two finish from the newest complete checkpoint."""
+    port, run_dir, timeout_s = _free_port(), tmp_path / "run", 30
+    args = ("trainer.max_steps=24", "trainer.save_every=4", f"trainer.dist_timeout_min={timeout_s / 60}",
+            "launcher.max_restarts=2")
+    nodes = [_node(rank, port, run_dir, text_shards, *args) for rank in (0, 1)]
+    first = run_dir / "checkpoints" / "step_00000004" / "COMPLETE"
+    _wait_for("the step-4 checkpoint", first.is_file, 600, nodes)
+    survivor = _workers(nodes[0])
+    assert len(survivor) == 1, survivor
+    _signal_tree(nodes[1], signal.SIGKILL if failure == "killed" else signal.SIGSTOP)
+    stopped = _wait_for("node 0's worker stopping", lambda: not survivor[0].is_running(), timeout_s + 60, nodes[:1])
+    assert nodes[0].poll() is None, "node 0's torchrun should wait for the lost node, not give up"
+    _kill_tree(nodes[1])
+    nodes[1] = _node(1, port, run_dir, text_shards, *args)
+    for node in nodes:
+        assert node.wait(timeout=600) == 0, _log(node)
+    err0 = nodes[0].log.read_text(errors="replace")
+    assert "lost contact with a peer" in err0 and "omni-train: rank " in err0, err0[-4000:]
+    if failure == "killed":
+        assert stopped < timeout_s, f"node 0's worker took {stopped:.0f} s to see its peer's sockets close"
+    else:
+        assert timeout_s - 2 < stopped < timeout_s + 30, f"node 0's worker stopped after {stopped:.0f} s"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 24 and summary["world_size"] == 2
+    assert summary["resumed_from_step"] >= 4, summary
