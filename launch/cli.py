@@ -5,7 +5,8 @@ any process starts) and turning the `launcher` group into a process launch:
 - `local`: N processes on this machine (torchrun --standalone);
 - `torchrun`: this node's torchrun in a multi-node job, meeting the others at a c10d rendezvous (run the same
   command on every node; `launcher.node_rank` optional, `launcher.elastic=MIN:MAX`, `launcher.max_restarts`);
-- `deepspeed`: DeepSpeed's launcher with `launcher.hostfile` (it reaches the hosts over ssh/pdsh);
+- `deepspeed`: DeepSpeed's launcher with `launcher.hostfile` (it reaches the hosts over ssh/pdsh; with
+  `launcher.node_rank` each node runs its own launcher instead, without ssh);
 - `slurm`: an sbatch script (one torchrun per node through srun, the rendezvous on the job's first node) written
   into run_dir and submitted with sbatch.
 `--dry-run` prints the command (or the sbatch script) instead; `--wait` makes sbatch wait for the job's end.
@@ -76,9 +77,13 @@ def command(cfg: Config, overrides: list[str]) -> list[str]:
         return [*_torchrun(la, la.elastic or str(la.nodes), la.rdzv_endpoint, la.rdzv_id, la.node_rank), *TRAIN,
                 *overrides]
     if la.name == "deepspeed":
+        # with node_rank, every node runs its own launcher (no ssh); without, this node reaches the others over ssh
+        node = [] if la.node_rank is None else ["--no_ssh", f"--node_rank={la.node_rank}"]
+        # --no_local_rank: the rank is in LOCAL_RANK; a `--local_rank=N` argument would be a bad Hydra override
         return [sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={la.hostfile}",
                 f"--num_nodes={la.nodes}", f"--num_gpus={la.nproc_per_node}", f"--master_addr={la.master_addr}",
-                f"--master_port={la.master_port}", "--module", "omni_train.train", *overrides]
+                f"--master_port={la.master_port}", *node, "--no_local_rank", "--module", "omni_train.train",
+                *overrides]
     raise ConfigError(f"launcher={la.name} has no command line: it submits a script (see sbatch_script)")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -330,6 +331,24 @@ def _check_launcher(la: LauncherConfig) -> None:
     if la.name == "deepspeed":
         _check(la.hostfile is not None and os.path.isfile(la.hostfile),
                f"launcher.hostfile={la.hostfile} is not a file: DeepSpeed's launcher needs one ('host slots=N' lines)")
+        slots = _hostfile_slots(la.hostfile)
+        short = [h for h, n in list(slots.items())[: la.nodes] if n < la.nproc_per_node]  # DeepSpeed takes the first
+        _check(len(slots) >= la.nodes and not short,
+               f"launcher.hostfile={la.hostfile} lists {len(slots)} host(s) {list(slots.items())[:4]}: "
+               f"the first launcher.nodes={la.nodes} need launcher.nproc_per_node={la.nproc_per_node} slots each")
+
+
+def _hostfile_slots(path: str) -> dict[str, int]:
+    """DeepSpeed's hostfile: `host slots=N` per line, `#` comments; a line in another form is an error."""
+    slots: dict[str, int] = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        words = line.split("#")[0].split()
+        if not words:
+            continue
+        _check(len(words) == 2 and words[1].startswith("slots=") and words[1][6:].isdigit(),
+               f"launcher.hostfile={path} line {number} ({line.strip()!r}) is not 'host slots=N'")
+        slots[words[0]] = int(words[1][6:])
+    return slots
 
 
 def _check_sequence_parallel(cfg: Config, world: int) -> None:

@@ -38,13 +38,24 @@ def test_torchrun_command_names_the_rendezvous_nodes_and_restarts():
 
 def test_deepspeed_command_takes_the_hostfile(tmp_path, text_shards):
     hostfile = tmp_path / "hosts"
-    hostfile.write_text("node0 slots=8\nnode1 slots=8\n")
+    hostfile.write_text("node0 slots=8  # the first\n\nnode1 slots=8\n")
     cfg = compose(["launcher=deepspeed", f"launcher.hostfile={hostfile}", "launcher.master_addr=node0"])
+    validate(cfg)
     cmd = command(cfg, ["stage=sft"])
     assert f"--hostfile={hostfile}" in cmd and "--num_nodes=2" in cmd and "--num_gpus=8" in cmd
-    assert "--master_addr=node0" in cmd and cmd[-3:] == ["--module", "omni_train.train", "stage=sft"]
+    assert "--master_addr=node0" in cmd and "--no_ssh" not in cmd
+    assert cmd[-4:] == ["--no_local_rank", "--module", "omni_train.train", "stage=sft"]
+    own = command(compose(["launcher=deepspeed", f"launcher.hostfile={hostfile}", "launcher.node_rank=1"]), [])
+    assert "--no_ssh" in own and "--node_rank=1" in own
     with pytest.raises(ConfigError, match="launcher.hostfile=None is not a file"):
         validate(compose(["launcher=deepspeed", *data_args(text_shards)]))
+    hostfile.write_text("node0 slots=8\nnode1 slots=4\n")
+    with pytest.raises(ConfigError, match=r"lists 2 host\(s\) \[\('node0', 8\), \('node1', 4\)\]: the first "
+                                          r"launcher.nodes=2 need launcher.nproc_per_node=8 slots each"):
+        validate(compose(["launcher=deepspeed", f"launcher.hostfile={hostfile}", *data_args(text_shards)]))
+    hostfile.write_text("node0 8\n")
+    with pytest.raises(ConfigError, match=r"line 1 \('node0 8'\) is not 'host slots=N'"):
+        validate(compose(["launcher=deepspeed", f"launcher.hostfile={hostfile}", *data_args(text_shards)]))
 
 
 def test_slurm_dry_run_prints_the_sbatch_script(text_shards):
@@ -86,14 +97,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _node(rank: int, port: int, run_dir: Path, shards: Path, *extra: str) -> subprocess.Popen:
-    """One node's `omni-launch launcher=torchrun`; its output goes to run_dir/../node{rank}-{n}.log (read by _log)."""
+def _torchrun(rank: int, port: int) -> list[str]:
+    return ["launcher=torchrun", "launcher.nodes=2", "launcher.nproc_per_node=1", f"launcher.node_rank={rank}",
+            f"launcher.rdzv_endpoint=127.0.0.1:{port}"]
+
+
+def _node(launcher: list[str], run_dir: Path, shards: Path, *extra: str) -> subprocess.Popen:
+    """One node's `omni-launch`; its output goes to run_dir/../node{rank}-{n}.log (read by _log)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    rank = next(a for a in launcher if a.startswith("launcher.node_rank=")).partition("=")[2]
     n = len(list(run_dir.parent.glob(f"node{rank}-*.log")))
     log = open(run_dir.parent / f"node{rank}-{n}.log", "w")  # noqa: SIM115 (the child holds it)
-    proc = subprocess.Popen(launch_cmd("launcher=torchrun", "launcher.nodes=2", "launcher.nproc_per_node=1",
-                                       f"launcher.node_rank={rank}", f"launcher.rdzv_endpoint=127.0.0.1:{port}",
-                                       f"run_dir={run_dir}", *data_args(shards), "trainer.warmup_steps=0", *extra),
+    proc = subprocess.Popen(launch_cmd(*launcher, f"run_dir={run_dir}", *data_args(shards), "trainer.warmup_steps=0",
+                                       *extra),
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     log.close()
@@ -105,9 +121,19 @@ def _log(node: subprocess.Popen, tail: int = 4000) -> str:
     return node.log.read_text(errors="replace")[-tail:]
 
 
-def test_two_nodes_on_the_loopback_train_one_zero3_model(text_shards, tmp_path):
+def _deepspeed(rank: int, port: int, hostfile: Path) -> list[str]:
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")  # names only: without ssh nothing resolves them
+    return ["launcher=deepspeed", f"launcher.hostfile={hostfile}", "launcher.nodes=2", "launcher.nproc_per_node=1",
+            f"launcher.node_rank={rank}", "launcher.master_addr=127.0.0.1", f"launcher.master_port={port}"]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_two_nodes_on_the_loopback_train_one_zero3_model(launcher, text_shards, tmp_path):
+    """Two launcher invocations, one per node: torchrun's c10d rendezvous, or DeepSpeed's launcher without ssh
+    (each node starts its own, `--no_ssh --node_rank`)."""
     port, run_dir = _free_port(), tmp_path / "run"
-    nodes = [_node(rank, port, run_dir, text_shards, "trainer.max_steps=4", "trainer.save_every=4")
+    args = {"torchrun": lambda r: _torchrun(r, port), "deepspeed": lambda r: _deepspeed(r, port, tmp_path / "hosts")}
+    nodes = [_node(args[launcher](rank), run_dir, text_shards, "trainer.max_steps=4", "trainer.save_every=4")
              for rank in (0, 1)]
     for node in nodes:
         assert node.wait(timeout=600) == 0, _log(node)
@@ -193,7 +219,7 @@ def test_a_lost_node_stops_its_peers_and_the_restarted_job_resumes(failure, text
     port, run_dir, timeout_s = _free_port(), tmp_path / "run", 30
     args = ("trainer.max_steps=24", "trainer.save_every=4", f"trainer.dist_timeout_min={timeout_s / 60}",
             "launcher.max_restarts=2")
-    nodes = [_node(rank, port, run_dir, text_shards, *args) for rank in (0, 1)]
+    nodes = [_node(_torchrun(rank, port), run_dir, text_shards, *args) for rank in (0, 1)]
     first = run_dir / "checkpoints" / "step_00000004" / "COMPLETE"
     _wait_for("the step-4 checkpoint", first.is_file, 600, nodes)
     survivor = _workers(nodes[0])
@@ -202,7 +228,7 @@ def test_a_lost_node_stops_its_peers_and_the_restarted_job_resumes(failure, text
     stopped = _wait_for("node 0's worker stopping", lambda: not survivor[0].is_running(), timeout_s + 60, nodes[:1])
     assert nodes[0].poll() is None, "node 0's torchrun should wait for the lost node, not give up"
     _kill_tree(nodes[1])
-    nodes[1] = _node(1, port, run_dir, text_shards, *args)
+    nodes[1] = _node(_torchrun(1, port), run_dir, text_shards, *args)
     for node in nodes:
         assert node.wait(timeout=600) == 0, _log(node)
     err0 = nodes[0].log.read_text(errors="replace")
