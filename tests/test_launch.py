@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -143,34 +144,61 @@ def test_two_nodes_on_the_loopback_train_one_zero3_model(launcher, text_shards, 
     assert all(abs(local - total / 2) < 0.01 * total for local in summary["local_params_per_rank"])
 
 
-@pytest.mark.skipif(bool(slurm_cluster.missing()), reason=f"SLURM is not installed here (missing: "
-                    f"{', '.join(slurm_cluster.missing())}; `apt-get install slurm-wlm munge`, as .ci/run does)")
-def test_slurm_job_on_a_real_one_node_cluster(text_shards, tmp_path):
-    """`omni-launch launcher=slurm --wait` on a real cluster (munged, slurmctld, slurmd started here): sbatch takes the
-    generated script, srun starts torchrun on the node, two ranks train under ZeRO-3 and save a checkpoint."""
-    run_dir = tmp_path / "run"
-    cluster = slurm_cluster.Cluster(tmp_path / "slurm")
-    (tmp_path / "slurm").mkdir()
+needs_slurm = pytest.mark.skipif(bool(slurm_cluster.missing()), reason=f"SLURM is not installed here (missing: "
+                                 f"{', '.join(slurm_cluster.missing())}; `apt-get install slurm-wlm munge`, as "
+                                 f".ci/run does)")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A real one-node SLURM cluster (munged, slurmctld, slurmd started here) for this module's SLURM tests."""
+    cluster = slurm_cluster.Cluster(tmp_path_factory.mktemp("slurm"))
     with cluster as env:
         env["OMP_NUM_THREADS"] = "1"
-        done = subprocess.run(launch_cmd("launcher=slurm", "launcher.nodes=1", "launcher.nproc_per_node=2",
-                                         f"launcher.slurm.cpus_per_task={os.cpu_count()}",
-                                         f"launcher.rdzv_endpoint=127.0.0.1:{_free_port()}", f"run_dir={run_dir}",
-                                         *data_args(text_shards), "trainer.warmup_steps=0", "trainer.max_steps=2",
-                                         "trainer.save_every=2", "--wait"),
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-        logs = list((run_dir / "logs").glob("omni-train-*.out"))
-        job_log = logs[0].read_text() if logs else "(no job log)"
-        assert done.returncode == 0, (done.stderr[-2000:], job_log[-4000:], cluster.log("slurmd"))
+        yield cluster
+
+
+@needs_slurm
+def test_slurm_job_on_a_real_one_node_cluster(slurm, text_shards, tmp_path):
+    """`omni-launch launcher=slurm --wait`: sbatch takes the generated script, srun starts torchrun on the node, two
+    ranks train under ZeRO-3 and save a checkpoint."""
+    run_dir = tmp_path / "run"
+    done = subprocess.run(launch_cmd("launcher=slurm", "launcher.nodes=1", "launcher.nproc_per_node=2",
+                                     f"launcher.slurm.cpus_per_task={os.cpu_count()}",
+                                     f"launcher.rdzv_endpoint=127.0.0.1:{_free_port()}", f"run_dir={run_dir}",
+                                     *data_args(text_shards), "trainer.warmup_steps=0", "trainer.max_steps=2",
+                                     "trainer.save_every=2", "--wait"),
+                          cwd=REPO, env=slurm.env, capture_output=True, text=True, timeout=900)
+    logs = list((run_dir / "logs").glob("omni-train-*.out"))
+    job_log = logs[0].read_text() if logs else "(no job log)"
+    assert done.returncode == 0, (done.stderr[-2000:], job_log[-4000:], slurm.log("slurmd"))
     job = done.stderr.split("job ")[1].split()[0]
     assert logs == [run_dir / "logs" / f"omni-train-{job}.out"], logs
-    assert f"omni-launch: job {job} on 1 node(s) ({cluster.node})" in job_log, job_log[:2000]
+    assert f"omni-launch: job {job} on 1 node(s) ({slurm.node})" in job_log, job_log[:2000]
     assert (run_dir / "slurm.sbatch").read_text().startswith("#!/bin/bash")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
     ckpt = run_dir / "checkpoints" / "step_00000002"
     assert (ckpt / "COMPLETE").is_file() and {p.name for p in ckpt.glob("run_state_rank*.json")} == {
         "run_state_rank0.json", "run_state_rank1.json"}, sorted(p.name for p in run_dir.rglob("*"))[:40]
+
+
+@needs_slurm
+def test_srun_tasks_take_their_ranks_from_slurm(slurm, text_shards, tmp_path):
+    """Training started by `srun` directly (one task per rank, no torchrun): each process reads its rank, the world
+    size and the master (the job's first node) from SLURM's variables."""
+    run_dir = tmp_path / "run"
+    done = subprocess.run(["srun", "--ntasks=2", "--cpus-per-task=1", "--kill-on-bad-exit=1", sys.executable, "-m",
+                           "omni_train.train", "logging.wandb_mode=disabled", "logging.progress_bar=false",
+                           f"run_dir={run_dir}", *data_args(text_shards), "trainer.warmup_steps=0",
+                           "trainer.max_steps=2"],
+                          cwd=REPO, env=dict(slurm.env, DS_ACCELERATOR="cpu"), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, (done.stderr[-4000:], slurm.log("slurmd"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    total = summary["total_params"]
+    assert all(abs(local - total / 2) < 0.01 * total for local in summary["local_params_per_rank"])
 
 
 def _signal_tree(proc: subprocess.Popen, sig: signal.Signals) -> None:
