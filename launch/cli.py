@@ -64,6 +64,8 @@ def _torchrun(la, nodes: str, endpoint: str, rdzv_id: str, node_rank: int | None
         # the node that hosts the rendezvous store says so: with several nodes on one host (tests, a big box)
         # torchrun cannot tell from the address alone
         args += [f"--node_rank={node_rank}", f"--rdzv_conf=is_host={int(node_rank == 0)}"]
+    if la.local_addr:
+        args += [f"--local_addr={la.local_addr}"]
     return args
 
 

@@ -182,6 +182,9 @@ class LauncherConfig:
     nodes: int = 1
     # torchrun: this machine's index among the nodes (None: c10d assigns one on arrival).
     node_rank: Optional[int] = None
+    # torchrun: this node's address as the others reach it (None: its host name), for a host whose name resolves
+    # to the wrong network; c10d orders the nodes' ranks by it.
+    local_addr: Optional[str] = None
     # torchrun's c10d rendezvous store (host:port of one node every node reaches) and the job's name in it.
     rdzv_endpoint: str = "127.0.0.1:29400"
     rdzv_id: str = "omni-train"

@@ -1,6 +1,7 @@
 """The distributed engine: process group, DeepSpeed config, optimizer, schedule, `deepspeed.initialize`.
 
-Owns: starting the process group (gloo on CPU, NCCL on GPU, with a bounded collective timeout), composing the
+Owns: starting the process group (gloo on CPU, NCCL on GPU, with a bounded collective timeout, and each rank's
+heartbeat: omni_train/liveness.py), composing the
 DeepSpeed JSON from the Hydra `deepspeed/` and `trainer` groups (no hand-kept JSON), freezing by name pattern,
 AdamW over the trainable parameters only (frozen ones get no optimizer state), linear warmup + cosine decay, and
 wrapping the train module in a DeepSpeed engine.
@@ -16,6 +17,7 @@ from datetime import timedelta
 import torch
 from torch import nn
 
+from omni_train import liveness
 from omni_train.config import Config, ConfigError
 
 
@@ -43,7 +45,9 @@ def init_distributed(timeout_min: float) -> tuple[int, int]:
             timeout=timedelta(minutes=timeout_min),
             verbose=False,
         )
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    liveness.start(rank, world)
+    return rank, world
 
 
 def _ranks_from_slurm() -> None:
@@ -69,6 +73,7 @@ def shutdown() -> None:
     """Leave the process group (and its sub-groups) explicitly at the end of a successful run: left to interpreter
     exit, gloo's worker threads can be torn down while joinable and abort the process (SIGABRT, "terminate called
     without an active exception"), which torchrun reports as a failed rank."""
+    liveness.stop()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

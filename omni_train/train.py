@@ -9,6 +9,7 @@ train, which data, which objective), never in a copy of this loop.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -317,12 +318,15 @@ def _entry(dict_cfg) -> None:
     except (torch.distributed.DistError, RuntimeError) as e:
         if not _lost_peer(e):
             raise
-        # A peer died (connection closed) or stopped answering (trainer.dist_timeout_min): this rank stops too. The
-        # launcher's summary names the rank that failed first; with launcher.max_restarts the job restarts and
-        # resumes from the newest complete checkpoint.
-        rank = os.environ.get("RANK", "?")
-        print(f"omni-train: rank {rank}: lost contact with a peer in a collective ({str(e).splitlines()[0][:200]}); "
-              f"stopping (the first failed rank is in the launcher's summary)", file=sys.stderr)
+        # A peer died (connection closed) or stopped answering (trainer.dist_timeout_min): this rank names it (from
+        # the heartbeats) and stops too; with launcher.max_restarts the job restarts and resumes from the newest
+        # complete checkpoint.
+        from omni_train import liveness
+
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        print(f"omni-train: rank {rank} (host {socket.gethostname()}): lost contact with a peer in a collective "
+              f"({str(e).splitlines()[0][:200]}); {liveness.lost_peers(rank, world)}; stopping", file=sys.stderr)
+        liveness.stop()
         sys.exit(3)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,10 +28,10 @@ from tests.conftest import REPO, data_args, launch_cmd
 
 def test_torchrun_command_names_the_rendezvous_nodes_and_restarts():
     cfg = compose(["launcher=torchrun", "launcher.nodes=4", "launcher.nproc_per_node=8", "launcher.node_rank=2",
-                   "launcher.rdzv_endpoint=node0:29400", "launcher.max_restarts=3"])
+                   "launcher.rdzv_endpoint=node0:29400", "launcher.max_restarts=3", "launcher.local_addr=10.1.0.3"])
     cmd = command(cfg, ["stage=sft"])
     for part in ("--nnodes=4", "--nproc_per_node=8", "--rdzv_backend=c10d", "--rdzv_endpoint=node0:29400",
-                 "--max_restarts=3", "--node_rank=2", "--rdzv_conf=is_host=0"):
+                 "--max_restarts=3", "--node_rank=2", "--rdzv_conf=is_host=0", "--local_addr=10.1.0.3"):
         assert part in cmd, (part, cmd)
     assert cmd[-3:] == ["-m", "omni_train.train", "stage=sft"]
     elastic = command(compose(["launcher=torchrun", "launcher.elastic=2:4"]), [])
@@ -98,9 +99,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(rank: int, port: int) -> list[str]:
+def _torchrun(rank: int, port: int, local_addr: str | None = None) -> list[str]:
     return ["launcher=torchrun", "launcher.nodes=2", "launcher.nproc_per_node=1", f"launcher.node_rank={rank}",
-            f"launcher.rdzv_endpoint=127.0.0.1:{port}"]
+            f"launcher.rdzv_endpoint=127.0.0.1:{port}", *([f"launcher.local_addr={local_addr}"] if local_addr else [])]
 
 
 def _node(launcher: list[str], run_dir: Path, shards: Path, *extra: str) -> subprocess.Popen:
@@ -238,29 +239,35 @@ def _wait_for(what: str, ready, timeout: float, nodes: list[subprocess.Popen]) -
     return time.monotonic() - start
 
 
-@pytest.mark.parametrize("failure", ["killed", "frozen"])
-def test_a_lost_node_stops_its_peers_and_the_restarted_job_resumes(failure, text_shards, tmp_path):
+@pytest.mark.parametrize("failure, lost_rank", [("killed", 1), ("frozen", 0)])
+def test_a_lost_node_stops_its_peers_and_the_restarted_job_resumes(failure, lost_rank, text_shards, tmp_path):
     """Node 1 is lost after the step-4 checkpoint, either killed (its launcher, torchrun and worker SIGKILLed: its
-    sockets close) or frozen (SIGSTOP: a hung or unreachable node, whose sockets stay open and silent): node 0's worker
-    stops with a message naming its rank (at once, or when the 30-s collective timeout expires), node 0's torchrun
-    (max_restarts) waits at the rendezvous; node 1 comes back and the two finish from the newest complete checkpoint."""
+    sockets close) or frozen (SIGSTOP: a hung or cut-off node, whose sockets stay open and silent). Node 0's worker
+    stops with a line naming its rank and the lost one (at once, or when the 30-s collective timeout expires), its
+    torchrun (max_restarts) waits at the rendezvous it hosts; node 1 comes back and the two finish from the newest
+    complete checkpoint. c10d orders ranks by node address: the killed node 1 holds rank 1 (found by its stopped
+    heartbeat), the frozen one rank 0 (its process hosts the store the heartbeats use, and that store goes silent)."""
     port, run_dir, timeout_s = _free_port(), tmp_path / "run", 30
     args = ("trainer.max_steps=24", "trainer.save_every=4", f"trainer.dist_timeout_min={timeout_s / 60}",
             "launcher.max_restarts=2")
-    nodes = [_node(_torchrun(rank, port), run_dir, text_shards, *args) for rank in (0, 1)]
+    addrs = ["127.0.0.1", "127.0.0.2"][:: 1 if lost_rank == 1 else -1]
+    nodes = [_node(_torchrun(rank, port, addrs[rank]), run_dir, text_shards, *args) for rank in (0, 1)]
     first = run_dir / "checkpoints" / "step_00000004" / "COMPLETE"
     _wait_for("the step-4 checkpoint", first.is_file, 600, nodes)
-    survivor = _workers(nodes[0])
-    assert len(survivor) == 1, survivor
+    workers = [_workers(node) for node in nodes]
+    assert [len(w) for w in workers] == [1, 1], workers
+    assert workers[1][0].environ()["RANK"] == str(lost_rank)
     _signal_tree(nodes[1], signal.SIGKILL if failure == "killed" else signal.SIGSTOP)
-    stopped = _wait_for("node 0's worker stopping", lambda: not survivor[0].is_running(), timeout_s + 60, nodes[:1])
+    stopped = _wait_for("node 0's worker stopping", lambda: not workers[0][0].is_running(), timeout_s + 60, nodes[:1])
     assert nodes[0].poll() is None, "node 0's torchrun should wait for the lost node, not give up"
     _kill_tree(nodes[1])
-    nodes[1] = _node(_torchrun(1, port), run_dir, text_shards, *args)
+    nodes[1] = _node(_torchrun(1, port, addrs[1]), run_dir, text_shards, *args)
     for node in nodes:
         assert node.wait(timeout=600) == 0, _log(node)
-    err0 = nodes[0].log.read_text(errors="replace")
-    assert "lost contact with a peer" in err0 and "omni-train: rank " in err0, err0[-4000:]
+    err = nodes[0].log.read_text(errors="replace")
+    # the survivor names itself and the rank it lost (by its heartbeat, or as the store's host)
+    assert re.search(rf"omni-train: rank {1 - lost_rank} \(host [^)]+\): lost contact with a peer in a "
+                     rf"collective \(.*\); rank {lost_rank} \([^)]+\) stopped answering; stopping", err), err[-4000:]
     if failure == "killed":
         assert stopped < timeout_s, f"node 0's worker took {stopped:.0f} s to see its peer's sockets close"
     else:
