@@ -41,7 +41,8 @@ def test_torchrun_command_names_the_rendezvous_nodes_and_restarts():
 def test_deepspeed_command_takes_the_hostfile(tmp_path, text_shards):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node0 slots=8  # the first\n\nnode1 slots=8\n")
-    cfg = compose(["launcher=deepspeed", f"launcher.hostfile={hostfile}", "launcher.master_addr=node0"])
+    cfg = compose(["launcher=deepspeed", f"launcher.hostfile={hostfile}", "launcher.master_addr=node0",
+                   *data_args(text_shards)])
     validate(cfg)
     cmd = command(cfg, ["stage=sft"])
     assert f"--hostfile={hostfile}" in cmd and "--num_nodes=2" in cmd and "--num_gpus=8" in cmd
