@@ -118,9 +118,11 @@ def talker_engine(cfg: Config, world: int):
     if cfg.model.attn_implementation == "sdpa":
         for model in (thinker.model.language_model, talker.model, *([reference.model] if reference else [])):
             use_packed_attention(model)
-    speakers = {name: int(entry["bos_token"]) for name, entry in load_speakers(cfg.model, cfg.talker.speaker).items()}
+    voices = load_speakers(cfg.model, cfg.talker.speaker)
+    speakers = {name: int(entry["bos_token"]) for name, entry in voices.items()}
     module = TalkerLM(thinker, talker, objective, speakers, cfg.talker.speaker, reference, cfg.talker.beta,
                       cfg.talker.sft_weight, cfg.trainer.logits_chunk)
+    module.voices = voices  # the whole spk_dict (Token2Wav's conditioning too), for the export
     freeze(module, list(cfg.stage.trainable))
     stray = [n for n, p in module.named_parameters() if p.requires_grad and not n.startswith("talker.")]
     if stray:
@@ -269,10 +271,10 @@ def run(cfg: Config) -> dict:
         export_pretrained(module.thinker, run_dir / "export", tokenizer, rename=hub_name)
     elif t.export:
         from omni_train.export import export_omni
-        from omni_train.model import load_speakers, omni_config
+        from omni_train.model import omni_config
 
-        export_omni(module.thinker, module.talker, token2wav, omni_config(cfg.model),
-                    load_speakers(cfg.model, cfg.talker.speaker), run_dir / "export", tokenizer)
+        export_omni(module.thinker, module.talker, token2wav, omni_config(cfg.model), module.voices,
+                    run_dir / "export", tokenizer)
     summary = {
         "steps": t.max_steps,
         "resumed_from_step": start_step,
