@@ -22,6 +22,7 @@ import pytest
 from launch.cli import command, compose
 from omni_train.config import ConfigError, validate
 from omni_train.engine import first_host
+from omni_train.liveness import SURVEY_DEADLINE_S
 from tests import slurm_cluster
 from tests.conftest import REPO, data_args, launch_cmd
 
@@ -244,7 +245,8 @@ def _wait_for(what: str, ready, timeout: float, nodes: list[subprocess.Popen]) -
 def test_a_lost_node_stops_its_peers_and_the_restarted_job_resumes(failure, lost_rank, text_shards, tmp_path):
     """Node 1 is lost after the step-4 checkpoint, either killed (its launcher, torchrun and worker SIGKILLed: its
     sockets close) or frozen (SIGSTOP: a hung or cut-off node, whose sockets stay open and silent). Node 0's worker
-    stops with a line naming its rank and the lost one (at once, or when the 30-s collective timeout expires), its
+    stops within the 30-s collective timeout (plus the few seconds it takes to name the lost rank), its line naming
+    its rank and the lost one; its
     torchrun (max_restarts) waits at the rendezvous it hosts; node 1 comes back and the two finish from the newest
     complete checkpoint. c10d orders ranks by node address: the killed node 1 holds rank 1 (found by its stopped
     heartbeat), the frozen one rank 0 (its process hosts the store the heartbeats use, and that store goes silent)."""
@@ -269,10 +271,12 @@ def test_a_lost_node_stops_its_peers_and_the_restarted_job_resumes(failure, lost
     # the survivor names itself and the rank it lost (by its heartbeat, or as the store's host)
     assert re.search(rf"omni-train: rank {1 - lost_rank} \(host [^)]+\): lost contact with a peer in a "
                      rf"collective \(.*\); rank {lost_rank} \([^)]+\) stopped answering; stopping", err), err[-4000:]
-    if failure == "killed":
-        assert stopped < timeout_s, f"node 0's worker took {stopped:.0f} s to see its peer's sockets close"
-    else:
-        assert timeout_s - 2 < stopped < timeout_s + 30, f"node 0's worker stopped after {stopped:.0f} s"
+    # bounded by the collective timeout plus the survey's deadline (the frozen store never answers); a killed peer's
+    # closed sockets often stop it sooner, but gloo may also just time out waiting, so only the bound is asserted
+    bound = timeout_s + SURVEY_DEADLINE_S + 15
+    assert stopped < bound, f"node 0's worker stopped after {stopped:.0f} s"
+    if failure == "frozen":
+        assert stopped > timeout_s - 2, f"node 0's worker stopped after {stopped:.0f} s, before the timeout"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 24 and summary["world_size"] == 2
     assert summary["resumed_from_step"] >= 4, summary

@@ -1,0 +1,58 @@
+"""Naming the lost rank (omni_train/liveness.py) in a real gloo group of three processes: one freezes (SIGSTOP),
+the other two ask who stopped answering at the same time (one surveys, the other reads its verdict) and both
+name the frozen rank."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+from tests.conftest import REPO
+
+RANK = textwrap.dedent("""
+    import os, signal, socket, sys, time
+    import torch
+    from omni_train import liveness
+
+    torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    liveness.start(rank, world)
+    torch.distributed.barrier()
+    if rank == world - 1:
+        os.kill(os.getpid(), signal.SIGSTOP)  # frozen: its heartbeat stops, its sockets stay open
+    time.sleep(3 * liveness.INTERVAL)
+    print("VERDICT", liveness.lost_peers(rank, world), flush=True)
+    liveness.stop()
+    os._exit(0)  # the group cannot be left cleanly with a frozen member
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_survivors_name_the_frozen_rank():
+    world, port = 3, _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", RANK], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=dict(os.environ, RANK=str(r), WORLD_SIZE=str(world),
+                                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
+             for r in range(world)]
+    try:
+        start = time.monotonic()
+        outs = [p.communicate(timeout=120) for p in procs[:-1]]
+        took = time.monotonic() - start
+    finally:
+        procs[-1].send_signal(signal.SIGKILL)
+        procs[-1].wait()
+    host = socket.gethostname()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert f"VERDICT rank 2 (host {host}) stopped answering" in out, (out, err[-2000:])
+    assert took < 60, took
