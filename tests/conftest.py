@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,13 @@ def data_args(shards: Path, workers: int = 0) -> list[str]:
     """Overrides that train on one shard directory, decoding in the training process unless told otherwise."""
     return [f"data.sources=[{{name:data,path:{shards}}}]", "data.max_len=256", "data.chunk_samples=32",
             f"data.workers={workers}"]
+
+
+def free_port() -> int:
+    """A TCP port nothing on the loopback listens on now (for rendezvous, stores and daemons the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launch_cmd(*overrides: str) -> list[str]:

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from omni_train.config import ConfigError, validate
 from omni_train.engine import first_host
 from omni_train.liveness import SURVEY_DEADLINE_S
 from tests import slurm_cluster
-from tests.conftest import REPO, data_args, launch_cmd
+from tests.conftest import REPO, data_args, free_port, launch_cmd
 
 
 def test_torchrun_command_names_the_rendezvous_nodes_and_restarts():
@@ -95,12 +94,6 @@ def test_the_first_host_of_a_slurm_node_list(nodelist, first):
     assert first_host(nodelist) == first
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(rank: int, port: int, local_addr: str | None = None) -> list[str]:
     return ["launcher=torchrun", "launcher.nodes=2", "launcher.nproc_per_node=1", f"launcher.node_rank={rank}",
             f"launcher.rdzv_endpoint=127.0.0.1:{port}", *([f"launcher.local_addr={local_addr}"] if local_addr else [])]
@@ -135,7 +128,7 @@ def _deepspeed(rank: int, port: int, hostfile: Path) -> list[str]:
 def test_two_nodes_on_the_loopback_train_one_zero3_model(launcher, text_shards, tmp_path):
     """Two launcher invocations, one per node: torchrun's c10d rendezvous, or DeepSpeed's launcher without ssh
     (each node starts its own, `--no_ssh --node_rank`)."""
-    port, run_dir = _free_port(), tmp_path / "run"
+    port, run_dir = free_port(), tmp_path / "run"
     args = {"torchrun": lambda r: _torchrun(r, port), "deepspeed": lambda r: _deepspeed(r, port, tmp_path / "hosts")}
     nodes = [_node(args[launcher](rank), run_dir, text_shards, "trainer.max_steps=4", "trainer.save_every=4")
              for rank in (0, 1)]
@@ -168,7 +161,7 @@ def test_slurm_job_on_a_real_one_node_cluster(slurm, text_shards, tmp_path):
     run_dir = tmp_path / "run"
     done = subprocess.run(launch_cmd("launcher=slurm", "launcher.nodes=1", "launcher.nproc_per_node=2",
                                      f"launcher.slurm.cpus_per_task={os.cpu_count()}",
-                                     f"launcher.rdzv_endpoint=127.0.0.1:{_free_port()}", f"run_dir={run_dir}",
+                                     f"launcher.rdzv_endpoint=127.0.0.1:{free_port()}", f"run_dir={run_dir}",
                                      *data_args(text_shards), "trainer.warmup_steps=0", "trainer.max_steps=2",
                                      "trainer.save_every=2", "--wait"),
                           cwd=REPO, env=slurm.env, capture_output=True, text=True, timeout=900)
@@ -250,7 +243,7 @@ def test_a_lost_node_stops_its_peers_and_the_restarted_job_resumes(failure, lost
     torchrun (max_restarts) waits at the rendezvous it hosts; node 1 comes back and the two finish from the newest
     complete checkpoint. c10d orders ranks by node address: the killed node 1 holds rank 1 (found by its stopped
     heartbeat), the frozen one rank 0 (its process hosts the store the heartbeats use, and that store goes silent)."""
-    port, run_dir, timeout_s = _free_port(), tmp_path / "run", 30
+    port, run_dir, timeout_s = free_port(), tmp_path / "run", 30
     args = ("trainer.max_steps=24", "trainer.save_every=4", f"trainer.dist_timeout_min={timeout_s / 60}",
             "launcher.max_restarts=2")
     addrs = ["127.0.0.1", "127.0.0.2"][:: 1 if lost_rank == 1 else -1]

@@ -12,10 +12,10 @@ import sys
 import textwrap
 import time
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 RANK = textwrap.dedent("""
-    import os, signal, socket, sys, time
+    import os, signal, time
     import torch
     from omni_train import liveness
 
@@ -32,14 +32,8 @@ RANK = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_survivors_name_the_frozen_rank():
-    world, port = 3, _free_port()
+    world, port = 3, free_port()
     procs = [subprocess.Popen([sys.executable, "-c", RANK], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=dict(os.environ, RANK=str(r), WORLD_SIZE=str(world),
                                                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
