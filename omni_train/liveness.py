@@ -5,7 +5,8 @@ rank it was, and the dead node's own log dies with it. So every rank runs a daem
 in the process group's store (MASTER_ADDR:MASTER_PORT) every `INTERVAL` seconds. A rank whose collective failed
 says it is stopping; the first to say so surveys: it reads every counter twice, `WATCH` seconds apart (one
 multi_get each), and the ranks whose counters stood still and that did not say they were stopping are the lost
-ones. It posts the verdict for the other survivors, so a failure costs the store O(world) reads, not O(world^2).
+ones. It posts the verdict for the other survivors, so a failure costs the store O(world) reads, not O(world^2);
+rank 0, whose process hosts the store, stays until every survivor has read it.
 When the store itself does not answer, the rank that hosts it (rank 0) is the one lost.
 
 Keys live under a prefix drawn by rank 0 at start (broadcast once), so a store that outlives a restart (torchrun's
@@ -84,34 +85,41 @@ def lost_peers(rank: int, world: int) -> str:
     if _beat is None:
         return "no heartbeats to tell which rank (a group of one)"
     found: list[str] = []
-    survey = threading.Thread(target=lambda: found.append(_survey(_beat.prefix, rank, world)), daemon=True)
+    survey = threading.Thread(target=_survey, args=(_beat.prefix, rank, world, found), daemon=True)
     survey.start()
     survey.join(SURVEY_DEADLINE_S)
-    if found and found[0]:
+    if found:
         return found[0]
     where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
     return f"rank 0 (host of the store, {where}) stopped answering"
 
 
-def _survey(prefix: str, rank: int, world: int) -> str:
-    """The phrase naming the silent ranks (surveyed here, or read from the surveyor's verdict), or "" when the
-    store cannot be reached."""
+def _survey(prefix: str, rank: int, world: int, found: list[str]) -> None:
+    """Put the phrase naming the silent ranks (surveyed here, or read from the surveyor's verdict) into `found`;
+    leave it empty when the store cannot be reached. Rank 0, whose process hosts the store, then keeps it up until
+    every survivor has read the verdict (or the caller's deadline passes): a survivor that exited at once would take
+    the verdict with it, and the others would blame rank 0."""
     try:
         store = _store(prefix)
         store.set(f"stopping/{rank}", "1")
         if store.add("surveyor", 1) > 1:
             store.wait(["verdict"], timedelta(seconds=SURVEY_DEADLINE_S - STORE_TIMEOUT_S))
-            return store.get("verdict").decode()
-        beats = [f"beat/{r}" for r in range(world)]
-        first = store.multi_get(beats)
-        time.sleep(WATCH)
-        second = store.multi_get(beats)
-        silent = [r for r in range(world)
-                  if r != rank and first[r] == second[r] and not store.check([f"stopping/{r}"])]
-        hosts = store.multi_get([f"host/{r}" for r in silent]) if silent else []
-        verdict = (", ".join(f"rank {r} (host {h.decode()})" for r, h in zip(silent, hosts)) + " stopped answering"
-                   if silent else "every other rank still answers or is stopping too")
-        store.set("verdict", verdict)
-        return verdict
+            verdict = store.get("verdict").decode()
+        else:
+            beats = [f"beat/{r}" for r in range(world)]
+            first = store.multi_get(beats)
+            time.sleep(WATCH)
+            second = store.multi_get(beats)
+            silent = [r for r in range(world)
+                      if r != rank and first[r] == second[r] and not store.check([f"stopping/{r}"])]
+            hosts = store.multi_get([f"host/{r}" for r in silent]) if silent else []
+            verdict = (", ".join(f"rank {r} (host {h.decode()})" for r, h in zip(silent, hosts))
+                       + " stopped answering" if silent else "every other rank still answers or is stopping too")
+            store.set("survivors", str(world - len(silent)))  # before the verdict: whoever sees one sees both
+            store.set("verdict", verdict)
+        found.append(verdict)
+        store.add("read", 1)
+        while rank == 0 and store.add("read", 0) < int(store.get("survivors")):
+            time.sleep(0.1)
     except (RuntimeError, ValueError):
-        return ""
+        return
