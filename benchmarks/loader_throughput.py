@@ -34,7 +34,7 @@ def _prepare() -> tuple[Path, Path]:
 
 
 def ours(shards: Path, workers: int, seconds: float) -> dict:
-    from omni_train.loader import RankLoader, ShardSet
+    from omni_train.data.loader import RankLoader, ShardSet
 
     loader = RankLoader([ShardSet.open("corpus", str(shards), 1.0)], rank=0, world=1, workers=workers, seed=0,
                         max_len=2048, rows=1, chunk_samples=256, pad_id=151643)

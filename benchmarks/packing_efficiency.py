@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from common import add_json_option, sample_shards, write_figures
 
-from omni_train.batch import best_fit
+from omni_train.data.batch import best_fit
 
 
 def packed(lengths: list[int], capacity: int, window: int) -> float:

@@ -33,7 +33,8 @@ from pathlib import Path
 def fixed_row(shards: Path, length: int) -> dict:
     import webdataset as wds
 
-    from omni_train.batch import collate_packed, decode_sample
+    from omni_train.data.batch import collate_packed, decode_sample
+    from omni_train.tokens import PAD
 
     urls = [str(p) for p in sorted(shards.glob("shard-*.tar"))]
     samples = [decode_sample(s) for s in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda s: s).decode()]
@@ -44,36 +45,38 @@ def fixed_row(shards: Path, length: int) -> dict:
             break
         row.append(s)
         used += len(s)
-    return collate_packed([row], length, pad_id=151643)
+    return collate_packed([row], length, pad_id=PAD)
 
 
 def worker(args) -> None:
     import torch
 
-    from launch.cli import compose
-    from omni_train.attention import SequenceParallel
-    from omni_train.engine import init_distributed, shutdown
-    from omni_train.objectives import label_tokens
-    from omni_train.train import peak_memory_gb, thinker_engine
+    from omni_train.config.compose import compose
+    from omni_train.model.kernels.attention import SequenceParallel
+    from omni_train.model.thinker import label_tokens
+    from omni_train.train.distributed import init_distributed, shutdown
+    from omni_train.train.loop import train_step
+    from omni_train.train.metrics import peak_memory_gb
+    from omni_train.train.recipes import recipe
 
     cfg = compose(["trainer.micro_batch_size=1", *args.override])
     rank, world = init_distributed(timeout_min=30.0)
-    sp = cfg.trainer.sequence_parallel
-    engine, _, _ = thinker_engine(cfg, world, SequenceParallel(sp) if sp > 1 else None)
-    engine.train()
+    degree = cfg.trainer.sequence_parallel
+    sp = SequenceParallel(degree) if degree > 1 else None
+    trainee = recipe(cfg.stage.objective).build(cfg, world, sp)
+    trainee.engine.train()
+
+    def step(batch: dict) -> None:
+        train_step(trainee.engine, trainee.module, [batch], world, counts_data=sp is None or sp.rank == 0)
+
     # A warm-up step on a short row first: the optimizer state (allocated by the first step) and the allocator's
     # pools are then part of `before`, and "step" is what the long row's step adds.
-    warm = fixed_row(Path(args.shards), 1024)
-    loss, _ = engine(**warm)
-    engine.backward(loss / label_tokens(warm["labels"]))
-    engine.step()
+    step(fixed_row(Path(args.shards), 1024))
     batch = fixed_row(Path(args.shards), args.length)
     labels = label_tokens(batch["labels"])
     before = peak_memory_gb()
     for _ in range(args.steps):
-        loss, _ = engine(**batch)
-        engine.backward(loss / labels)
-        engine.step()
+        step(batch)
     peaks = torch.tensor([peak_memory_gb(), peak_memory_gb() - before])
     torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
     if rank == 0:

@@ -4,7 +4,7 @@
 
 Both arms are 2-process ZeRO-3 training (tiny model, AdamW, forward + backward + step) over the same samples of the
 sample corpus, in the same order, each rank taking every other micro-batch:
-- packed: best-fit rows of --len tokens (omni_train.batch), 2 rows per micro-batch, attention per sample;
+- packed: best-fit rows of --len tokens (omni_train.data.batch), 2 rows per micro-batch, attention per sample;
 - padded: micro-batches of --batch samples, each padded to the batch's longest (rounded up to 64), one sample per
   row: the padding is computed on, as a padded trainer does.
 Reported: real (non-padding) tokens per second over all ranks, median of --repeat passes after one warm-up pass,
@@ -25,34 +25,35 @@ def micro_batches(shards: Path, mode: str, length: int, batch: int) -> list[tupl
     """(collated micro-batch, its real tokens) in order."""
     import webdataset as wds
 
-    from omni_train.batch import best_fit, collate_packed, decode_sample
+    from omni_train.data.batch import best_fit, collate_packed, decode_sample
+    from omni_train.tokens import PAD
 
     urls = [str(p) for p in sorted(shards.glob("shard-*.tar"))]
     samples = [decode_sample(s) for s in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda s: s).decode()]
     samples = [s for s in samples if len(s) <= length]
     if mode == "packed":
         rows = [[samples[i] for i in b] for b in best_fit([len(s) for s in samples], length)]
-        return [(collate_packed(rows[i:i + 2], length, pad_id=151643), sum(len(s) for r in rows[i:i + 2] for s in r))
+        return [(collate_packed(rows[i:i + 2], length, pad_id=PAD), sum(len(s) for r in rows[i:i + 2] for s in r))
                 for i in range(0, len(rows), 2)]
     out = []
     for i in range(0, len(samples), batch):
         group = samples[i:i + batch]
         longest = -(-max(len(s) for s in group) // 64) * 64
-        out.append((collate_packed([[s] for s in group], longest, pad_id=151643), sum(len(s) for s in group)))
+        out.append((collate_packed([[s] for s in group], longest, pad_id=PAD), sum(len(s) for s in group)))
     return out
 
 
 def worker(args) -> None:
     import torch
 
-    from launch.cli import compose
-    from omni_train.engine import init_distributed, shutdown
-    from omni_train.objectives import label_tokens
-    from omni_train.train import thinker_engine
+    from omni_train.config.compose import compose
+    from omni_train.train.distributed import init_distributed, shutdown
+    from omni_train.train.loop import train_step
+    from omni_train.train.recipes import recipe
 
     cfg = compose([f"trainer.micro_batch_size={args.batch}"])
     rank, world = init_distributed(timeout_min=5.0)
-    engine, _, _ = thinker_engine(cfg, world)
+    trainee = recipe(cfg.stage.objective).build(cfg, world)
     batches = micro_batches(Path(args.shards), args.mode, args.length, args.batch)
     batches = batches[: len(batches) // world * world][rank::world]  # the same number of steps on every rank
 
@@ -60,9 +61,7 @@ def worker(args) -> None:
         torch.distributed.barrier()
         started = time.perf_counter()
         for b, _ in batches:
-            loss, _ = engine(**b)
-            engine.backward(loss / max(1, label_tokens(b["labels"])))
-            engine.step()
+            train_step(trainee.engine, trainee.module, [b], world)
         torch.distributed.barrier()
         return time.perf_counter() - started
 

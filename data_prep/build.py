@@ -42,9 +42,10 @@ from data_prep.media import (
     load_image,
     load_video,
 )
-from omni_train.config import ConfigError
+from omni_train.errors import ConfigError
 from omni_train.files import write_json_atomic, write_text_atomic
 from omni_train.tokenizer import load_tokenizer, tokenizer_hash
+from omni_train.tokens import IGNORE
 
 PROGRESS = "_progress.jsonl"
 MIN_SAMPLES_BEFORE_STOPPING = 20
@@ -192,7 +193,7 @@ def prepare(sid: str, record: dict, base_dir: Path, cfg: PrepConfig, tokenizer, 
     n = len(enc["input_ids"])
     if n > cfg.max_len:
         raise SampleError(f"{n} tokens > max_len={cfg.max_len} (media spans are never cut)")
-    if not (enc["labels"] != -100).any():
+    if not (enc["labels"] != IGNORE).any():
         raise SampleError("no assistant token carries a label")
     info = {"id": sid, "source": source_name, "messages": _without_bytes(messages),
             "use_audio_in_video": use_audio_in_video, "media": meta, "num_tokens": n}

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_prep.layout import AUDIO, IMAGE, VIDEO, Media, expand
+from data_prep.layout import Media, expand
+from omni_train.tokens import IGNORE, MEDIA
 
-IGNORE = -100
 ROLES = ("system", "user", "assistant")
-MEDIA_TOKENS = (AUDIO, IMAGE, VIDEO)
 
 
 class SampleError(ValueError):
@@ -78,7 +77,7 @@ def encode(messages: list[dict], tokenizer, media: list[Media] = (), use_audio_i
     for i, (start, end) in enumerate(enc["offset_mapping"]):
         if any(s <= start and end <= e for s, e in spans):
             labels[i] = ids[i]
-    labels[np.isin(ids, MEDIA_TOKENS)] = IGNORE
+    labels[np.isin(ids, MEDIA)] = IGNORE
     try:
         input_ids, positions, source = expand(ids, list(media), use_audio_in_video)
     except ValueError as e:

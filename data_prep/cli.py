@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from omni_train.config import ConfigError
+from omni_train.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from data_prep.media import VisionBudget
-from omni_train.config import ConfigError
+from omni_train.errors import ConfigError
 
 
 @dataclass

@@ -18,11 +18,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-AUDIO, AUDIO_BOS, AUDIO_EOS = 151646, 151647, 151648
-VISION_BOS, VISION_EOS, IMAGE, VIDEO = 151652, 151653, 151655, 151656
+from omni_train.tokens import AUDIO, AUDIO_BOS, AUDIO_EOS, IMAGE, VIDEO
 
+# The one home of the media arithmetic (data_prep.media sizes media by it, omni_train.data.features computes by it):
+# 16 kHz audio, one mel frame per 160-sample hop; 14-px patches, 2 frames per temporal patch, 2 x 2 patches merged
+# into one token.
 SAMPLE_RATE = 16_000
 HOP = 160
+PATCH = 14
+TEMPORAL_PATCH = 2
 MERGE = 2
 POSITIONS_PER_SECOND = 25
 SECONDS_PER_CHUNK = 2

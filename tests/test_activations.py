@@ -9,9 +9,10 @@ import copy
 import pytest
 import torch
 
-from launch.cli import compose
-from omni_train import activations
-from omni_train.config import ConfigError, validate
+from omni_train.config.compose import compose
+from omni_train.model.kernels import activations
+from omni_train.config.validate import validate
+from omni_train.errors import ConfigError
 from tests.helpers.sp_step import fixed_batch
 
 

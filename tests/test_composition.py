@@ -14,9 +14,10 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from omni_train.config import ComposeConfig, ConfigError, ModelConfig
-from omni_train.model import build_thinker
-from omni_train.tiny_sources import write_tiny_sources
+from omni_train.config.schema import ComposeConfig, ModelConfig
+from omni_train.errors import ConfigError
+from omni_train.model.build import build_thinker
+from omni_train.tools.tiny_sources import write_tiny_sources
 from tests.conftest import REPO, data_args, run_launch
 
 

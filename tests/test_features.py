@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers import WhisperFeatureExtractor
 
-from omni_train.features import log_mel, patchify
+from omni_train.data.features import log_mel, patchify
 
 
 def _clip(n: int) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omni_train.head_loss import chunked_cross_entropy
+from omni_train.model.kernels.head_loss import chunked_cross_entropy
 
 
 @pytest.mark.parametrize("rows, chunk", [(300, 64), (300, 300), (300, 1000), (0, 64)])
@@ -33,8 +33,8 @@ def test_chunked_cross_entropy_equals_the_plain_path(rows, chunk):
 def test_the_thinker_loss_and_gradients_are_the_same_tiled_or_plain(sample_shards):
     import webdataset as wds
 
-    from omni_train.batch import collate_packed, decode_sample
-    from omni_train.objectives import ThinkerLM
+    from omni_train.data.batch import collate_packed, decode_sample
+    from omni_train.model.thinker import ThinkerLM
     from tests.test_packing import _module
 
     urls = [str(p) for p in sorted(sample_shards.glob("shard-*.tar"))]

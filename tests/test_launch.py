@@ -18,10 +18,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launch.cli import command, compose
-from omni_train.config import ConfigError, validate
-from omni_train.engine import first_host
-from omni_train.liveness import SURVEY_DEADLINE_S
+from launch.cli import command
+from omni_train.config.compose import compose
+from omni_train.config.validate import validate
+from omni_train.errors import ConfigError
+from omni_train.train.distributed import first_host
+from omni_train.train.liveness import SURVEY_DEADLINE_S
 from tests import slurm_cluster
 from tests.conftest import REPO, data_args, free_port, launch_cmd
 

@@ -17,7 +17,7 @@ from tests.conftest import REPO, free_port
 RANK = textwrap.dedent("""
     import os, signal, time
     import torch
-    from omni_train import liveness
+    from omni_train.train import liveness
 
     torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -12,8 +12,8 @@ import torch
 
 from data_prep.build import build
 from data_prep.config import from_overrides
-from omni_train.config import ConfigError
-from omni_train.loader import LoaderState, RankLoader, ShardSet, SlotStream
+from omni_train.errors import ConfigError
+from omni_train.data.loader import LoaderState, RankLoader, ShardSet, SlotStream
 from omni_train.tokenizer import load_tokenizer
 
 PAD = 151643
@@ -184,7 +184,7 @@ def test_sources_by_glob_brace_list_and_pipe_url(many_shards):
 
 
 def test_resampled_mode_draws_shards_with_replacement(many_shards):
-    from omni_train.loader import Position, SlotReader
+    from omni_train.data.loader import Position, SlotReader
 
     shards = ShardSet.open("corpus", str(many_shards), 1.0)
     plans = [SlotReader(shards, 0, 1, seed=0, position=Position(), resample=True)._plan(e)[0] for e in range(5)]

@@ -10,8 +10,9 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from omni_train.config import ConfigError, ModelConfig
-from omni_train.model import build_thinker, omni_config, thinker_parameter_names
+from omni_train.config.schema import ModelConfig
+from omni_train.errors import ConfigError
+from omni_train.model.build import build_thinker, omni_config, parameter_names
 from tests.conftest import REPO
 
 
@@ -53,8 +54,8 @@ def test_released_layout_loads_every_thinker_weight_exactly(tmp_path):
 def test_our_export_is_in_the_hub_layout_and_transformers_loads_it(tmp_path):
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
-    from omni_train.export import export_pretrained
-    from omni_train.keymap import hub_name
+    from omni_train.train.export import export_pretrained
+    from omni_train.model.keymap import hub_name
 
     torch.manual_seed(0)
     source = build_thinker(_tiny(), ds_config=None)
@@ -76,7 +77,7 @@ def test_checkpoint_missing_weights_fails_listing_them(tmp_path):
 
 
 def test_parameter_names_come_from_a_meta_model_without_weights():
-    names = thinker_parameter_names(_tiny())
+    names = parameter_names(_tiny())
     assert "thinker.lm_head.weight" in names
     assert any(n.startswith("thinker.model.audio_tower.") for n in names)
     assert any(n.startswith("thinker.model.visual.merger.") for n in names)

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 import webdataset as wds
 from omegaconf import OmegaConf
 
-from omni_train.attention import use_packed_attention
-from omni_train.batch import best_fit, collate_packed, decode_sample
-from omni_train.config import ModelConfig
-from omni_train.model import build_thinker
-from omni_train.objectives import ThinkerLM
+from omni_train.model.kernels.attention import use_packed_attention
+from omni_train.data.batch import best_fit, collate_packed, decode_sample
+from omni_train.config.schema import ModelConfig
+from omni_train.model.build import build_thinker
+from omni_train.model.thinker import ThinkerLM
 from tests.conftest import REPO
 
 KINDS = ("speech-", "image-", "video-000", "video-001", "mixed-", "text-")
@@ -136,7 +136,7 @@ def test_best_fit_packs_tightly_and_never_splits_a_sample():
 
 
 def test_per_condition_stats_attribute_each_samples_loss_to_the_media_it_holds(samples):
-    from omni_train.batch import AUDIO_BIT, CONDITIONS, IMAGE_BIT, VIDEO_BIT
+    from omni_train.data.batch import AUDIO_BIT, CONDITIONS, IMAGE_BIT, VIDEO_BIT
 
     # speech, image, video with its audio, video without, image + speech, text (KINDS order)
     assert [s.condition for s in samples] == [AUDIO_BIT, IMAGE_BIT, AUDIO_BIT | VIDEO_BIT, VIDEO_BIT,

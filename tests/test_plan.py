@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from launch.cli import compose
-from omni_train.plan import GIB, estimate, model_states
+from omni_train.config.compose import compose
+from omni_train.train.memory import GIB, estimate, model_states
 from tests.conftest import REPO
 
 
@@ -18,7 +18,7 @@ def test_model_states_equal_deepspeeds_estimator_for_the_7b():
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
-    from omni_train.model import omni_config
+    from omni_train.model.build import omni_config
 
     cfg = compose(["model=qwen2_5_omni_7b"])
     with torch.device("meta"):

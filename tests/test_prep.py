@@ -314,7 +314,7 @@ def test_shards_made_with_another_tokenizer_are_refused(sample_shards, tmp_path)
     from transformers import PreTrainedTokenizerFast
 
     from data_prep.build import load_index
-    from omni_train.config import ConfigError
+    from omni_train.errors import ConfigError
 
     assert load_index(sample_shards, load_tokenizer())["totals"]["samples"] == 268
     load_tokenizer().save_pretrained(tmp_path / "tok")

@@ -19,14 +19,15 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from data_prep.chatml import IGNORE, encode
+from data_prep.chatml import encode
 from data_prep.layout import Media
-from omni_train.attention import use_packed_attention
-from omni_train.config import ModelConfig
-from omni_train.features import log_mel
-from omni_train.model import omni_config
-from omni_train.talker import TalkerLM, dpo_sigmoid_loss, response_span
+from omni_train.model.kernels.attention import use_packed_attention
+from omni_train.config.schema import ModelConfig
+from omni_train.data.features import log_mel
+from omni_train.model.build import omni_config
+from omni_train.model.talker import TalkerLM, dpo_sigmoid_loss, response_span
 from omni_train.tokenizer import load_tokenizer
+from omni_train.tokens import IGNORE
 from tests.conftest import REPO
 
 SPEAKER_BOS = 151860
@@ -132,7 +133,7 @@ def test_training_logits_equal_transformers_generation_step_by_step():
     compared = 0
     for (prompt_ids, prompt_pos, features, pixels), (text, codes, want) in zip(prompts, generated):
         assert len(codes) >= 3, "the loop stopped too early to compare anything"
-        # transformers speaks the text up to the Thinker's last generated token, exclusive (see omni_train.talker)
+        # transformers speaks the text up to the Thinker's last generated token, exclusive (see omni_train.model.talker)
         batch = _batch(prompt_ids, prompt_pos, features, pixels, text[:-1], codes)
         with torch.no_grad():
             row = objective.sequences(batch)
@@ -223,7 +224,7 @@ def test_dpo_loss_and_rewards_equal_trls_on_fixed_log_probs(sft_weight):
 def test_sampled_codes_logits_equal_the_teacher_forced_forward():
     """The pair builder samples with a KV cache, step by step; the training forward reads the whole sequence at
     once: on the sampled codes both give the same logits (so ref_logps and sampling see the same model)."""
-    from omni_train.pairs import sample_codes
+    from omni_train.tools.pairs import sample_codes
 
     model = copy.deepcopy(_full_model())
     prompt_ids, prompt_pos, features, pixels = _prompt(with_media=True)
@@ -256,7 +257,7 @@ def test_tiled_codec_head_gives_the_plain_dpo_loss_and_gradients(sample_corpus, 
 
     from data_prep.build import build
     from data_prep.config import from_overrides
-    from omni_train.batch import collate_packed, decode_sample
+    from omni_train.data.batch import collate_packed, decode_sample
 
     build(str(sample_corpus.parent / "triplets.jsonl"), str(tmp_path), from_overrides(["workers=1"]), progress=False)
     urls = [str(p) for p in sorted(tmp_path.glob("shard-*.tar"))]

@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from omni_train.config import ModelConfig
+from omni_train.config.schema import ModelConfig
 from tests.conftest import REPO, run_launch
 
 
@@ -29,9 +29,9 @@ def triplet_shards(sample_corpus, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def thinker_export(tmp_path_factory) -> Path:
-    from omni_train.export import export_pretrained
-    from omni_train.keymap import hub_name
-    from omni_train.model import build_thinker
+    from omni_train.train.export import export_pretrained
+    from omni_train.model.keymap import hub_name
+    from omni_train.model.build import build_thinker
 
     preset = OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")
     torch.manual_seed(0)
@@ -101,7 +101,7 @@ def test_dpo_starts_at_ln2_and_its_reward_accuracy_rises(dpo, sft):
 def test_the_dpo_export_loads_into_the_full_model_and_speaks(dpo):
     from transformers import Qwen2_5OmniForConditionalGeneration
 
-    from omni_train.model import SPEAKERS_FILE
+    from omni_train.model.build import SPEAKERS_FILE
 
     export = dpo / "export"
     speakers = torch.load(export / SPEAKERS_FILE, weights_only=True)

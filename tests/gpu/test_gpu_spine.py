@@ -36,7 +36,7 @@ def test_packed_core_and_flash_attention_varlen_agree_on_a_packed_row():
         pytest.skip("flash-attn is not installed")
     from transformers import AttentionInterface
 
-    from omni_train.attention import packed_attention
+    from omni_train.model.kernels.attention import packed_attention
 
     torch.manual_seed(0)
     lengths = [700, 300, 1000, 48]
@@ -69,8 +69,8 @@ def test_offloaded_checkpointing_and_tiled_mlp_keep_the_loss_and_lower_cuda_memo
     and the loss is the plain step's."""
     import copy
 
-    from launch.cli import compose
-    from omni_train import activations
+    from omni_train.config.compose import compose
+    from omni_train.model.kernels import activations
     from tests.helpers.sp_step import fixed_batch
     from tests.test_packing import _module
 

@@ -1,9 +1,9 @@
 """One rank of the sequence-parallel equivalence test (started by torchrun from tests/test_sequence_parallel.py).
 
-Runs one ZeRO-3 forward + backward of the Thinker on a fixed packed batch (2 rows; by default every kind of
-sample: speech, image, video with its audio, video, image + speech, text) with `--sp` ranks sharing each row, the loss scaled as
-the training loop scales it. Rank 0 writes OUT: the loss per label token, the per-condition stats and every full
-gradient (gathered from the ZeRO-3 partitions). `--override` passes config overrides (checkpointing, MLP tiling). `--control` replaces the per-sample attention core with plain
+Runs the training loop's own step (omni_train.train.loop.train_step, on the module the Thinker recipe builds) on a
+fixed packed batch (2 rows; by default every kind of sample: speech, image, video with its audio, video, image +
+speech, text) with `--sp` ranks sharing each row, without the optimizer update. Rank 0 writes OUT: the loss per
+label token, the per-condition metrics and every full gradient (gathered from the ZeRO-3 partitions). `--override` passes config overrides (checkpointing, MLP tiling). `--control` replaces the per-sample attention core with plain
 causal SDPA over the gathered row (what DeepSpeed's own transformers wrapper runs), which must change the result.
 """
 
@@ -26,7 +26,8 @@ def causal_over_row(module, query, key, value, attention_mask=None, scaling=None
 
 
 def fixed_batch(shards: str, kinds: tuple[str, ...] = KINDS, rows: int = 2) -> dict[str, torch.Tensor]:
-    from omni_train.batch import collate_packed, decode_sample
+    from omni_train.data.batch import collate_packed, decode_sample
+    from omni_train.tokens import PAD
 
     picked = {}
     urls = [str(p) for p in sorted(Path(shards).glob("shard-*.tar"))]
@@ -37,7 +38,7 @@ def fixed_batch(shards: str, kinds: tuple[str, ...] = KINDS, rows: int = 2) -> d
     samples = [picked[k] for k in kinds]
     packed = [samples[r::rows] for r in range(rows)]
     length = -(-max(sum(len(s) for s in row) for row in packed) // 64) * 64 + 64  # a padding "sample" too
-    return collate_packed(packed, length, pad_id=151643)
+    return collate_packed(packed, length, pad_id=PAD)
 
 
 def main() -> None:
@@ -54,47 +55,32 @@ def main() -> None:
 
     import deepspeed
 
-    from launch.cli import compose
-    from omni_train import activations
-    from omni_train.attention import SequenceParallel, use_packed_attention
-    from omni_train.engine import (
-        deepspeed_config,
-        init_distributed,
-        initialize,
-        shutdown,
-    )
-    from omni_train.model import build_thinker
-    from omni_train.objectives import ThinkerLM, label_tokens
+    from omni_train.config.compose import compose
+    from omni_train.model.kernels.attention import SequenceParallel
+    from omni_train.train.distributed import init_distributed, shutdown
+    from omni_train.train.loop import train_step
+    from omni_train.train.recipes import recipe
 
     cfg = compose([f"model.path={args.model}", "trainer.micro_batch_size=2", f"trainer.sequence_parallel={args.sp}",
                    *args.override])
     rank, world = init_distributed(timeout_min=2.0)
     sp = SequenceParallel(args.sp) if args.sp > 1 else None
-    ds_config = deepspeed_config(cfg, world)
-    thinker = build_thinker(cfg.model, ds_config)
-    activations.apply(thinker, cfg.trainer)
-    if sp is not None:
-        sp.attach(thinker.model.language_model, 2, causal_over_row if args.control else "sdpa")
-    else:
-        use_packed_attention(thinker.model.language_model)
-    module = ThinkerLM(thinker, sp, cfg.trainer.logits_chunk)
-    engine, _, _ = initialize(cfg, module, ds_config)
+    trainee = recipe(cfg.stage.objective).build(cfg, world, sp)  # what the training loop builds
+    if args.control:
+        sp.attach(trainee.module.thinker.model.language_model, 2, causal_over_row)
+    engine = trainee.engine
     engine.train()
 
     batch = fixed_batch(args.shards, tuple(args.kinds.split(",")), args.rows)
-    labels = label_tokens(batch["labels"])  # the whole row's labels, counted once (as the loop does)
-    loss, stats = engine(**batch)
-    engine.backward(loss * world / labels)
-    total = loss.detach().double().reshape(1)
-    torch.distributed.all_reduce(total)
-    torch.distributed.all_reduce(stats)
+    # the loop's own step, gradients kept for reading instead of an optimizer step
+    step = train_step(engine, trainee.module, [batch], world, counts_data=sp is None or sp.rank == 0, update=False)
     grads = {}
     for name, p in engine.module.named_parameters():
         grad = deepspeed.utils.safe_get_full_grad(p)  # collective: every rank gathers every gradient
         if rank == 0:
             grads[name] = grad.detach().clone()
     if rank == 0:
-        torch.save({"loss": total / labels, "stats": stats, "grads": grads, "length": batch["input_ids"].shape[1]},
+        torch.save({"loss": step.loss, "metrics": step.metrics, "grads": grads, "length": batch["input_ids"].shape[1]},
                    args.out)
     shutdown()
 

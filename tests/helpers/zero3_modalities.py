@@ -1,8 +1,9 @@
 """One rank of the ZeRO-3 modality test (started by torchrun from tests/test_zero3_modalities.py).
 
 Every step each rank holds 2, 1 or 0 audio clips and as many images (the two ranks out of phase), plus text.
-With `--objective ours` the ranks run ThinkerLM (encoders once per micro-batch, dummies when absent); with
-`--objective transformers` they call transformers' own Thinker forward, which skips an absent modality's encoder:
+With `--objective ours` the ranks run what the Thinker recipe builds (ThinkerLM: encoders once per micro-batch,
+dummies when absent) through the loop's train_step; with `--objective transformers` they call transformers' own
+Thinker forward, which skips an absent modality's encoder:
 the control that shows the test can fail. Writes OUT/rank{R}.json with the losses when it finishes.
 """
 
@@ -20,9 +21,17 @@ import webdataset as wds
 class TransformersForward(torch.nn.Module):
     """transformers' own merge: encoders run only for the modalities present in the micro-batch."""
 
+    units_name = "label_tokens"
+
     def __init__(self, thinker):
         super().__init__()
         self.thinker = thinker
+
+    def units(self, batch: dict) -> float:
+        return float((batch["labels"][:, 1:] != -100).sum())
+
+    def step_metrics(self, stats: torch.Tensor) -> dict:
+        return {}
 
     def forward(self, input_ids, labels, position_ids, conditions, audio_features=None, audio_lengths=None,
                 pixel_values=None, grid_thw=None):
@@ -40,7 +49,8 @@ class TransformersForward(torch.nn.Module):
             kwargs.update(pixel_values=pixel_values, image_grid_thw=grid_thw)
         out = self.thinker(input_ids=input_ids, position_ids=position_ids, **kwargs)
         keep = labels[:, 1:] != -100
-        return F.cross_entropy(out.logits[:, :-1][keep].float(), labels[:, 1:][keep], reduction="sum"), None
+        return (F.cross_entropy(out.logits[:, :-1][keep].float(), labels[:, 1:][keep], reduction="sum"),
+                torch.zeros(1, dtype=torch.float64))
 
 
 def main() -> None:
@@ -51,16 +61,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
 
-    from launch.cli import compose
-    from omni_train.batch import collate_packed, decode_sample
-    from omni_train.engine import (
-        deepspeed_config,
-        init_distributed,
-        initialize,
-        shutdown,
-    )
-    from omni_train.model import build_thinker
-    from omni_train.objectives import ThinkerLM
+    from omni_train.config.compose import compose
+    from omni_train.data.batch import collate_packed, decode_sample
+    from omni_train.model.build import build_thinker
+    from omni_train.tokens import PAD
+    from omni_train.train.distributed import init_distributed, shutdown
+    from omni_train.train.engine import deepspeed_config, initialize
+    from omni_train.train.loop import train_step
+    from omni_train.train.recipes import recipe
 
     cfg = compose(["model=tiny", "trainer.micro_batch_size=1", "trainer.warmup_steps=0", "trainer.lr=1e-3"])
     rank, world = init_distributed(timeout_min=1.0)
@@ -72,13 +80,13 @@ def main() -> None:
     speech = [s for s in samples if s.audio and not s.vision]
     images = [s for s in samples if s.vision_kinds == ["image"] and not s.audio]
     texts = [s for s in samples if not s.audio and not s.vision]
-    ds_config = deepspeed_config(cfg, world)
-    thinker = build_thinker(cfg.model, ds_config)
     if args.objective == "ours":
-        module = ThinkerLM(thinker, logits_chunk=cfg.trainer.logits_chunk)
+        trainee = recipe(cfg.stage.objective).build(cfg, world)  # what the training loop builds
+        engine, module = trainee.engine, trainee.module
     else:
-        module = TransformersForward(thinker)
-    engine, _, _ = initialize(cfg, module, ds_config)
+        ds_config = deepspeed_config(cfg, world)
+        module = TransformersForward(build_thinker(cfg.model, ds_config))
+        engine, _, _ = initialize(cfg, module, ds_config)
     losses = []
     for step in range(args.steps):
         # Each rank holds 2, 1 or 0 audio clips and as many images, out of phase with the other rank, plus text.
@@ -86,11 +94,8 @@ def main() -> None:
         row = [speech[(step * 2 + k) % len(speech)] for k in range(n)]
         row += [images[(step * 2 + k) % len(images)] for k in range(n)]
         row += [texts[(step + rank + k) % len(texts)] for k in range(2)]
-        batch = collate_packed([row], length=2048, pad_id=151643)
-        loss, _ = engine(**batch)
-        engine.backward(loss / max(1, int((batch["labels"][:, 1:] != -100).sum())))
-        engine.step()
-        losses.append(float(loss))
+        batch = collate_packed([row], length=2048, pad_id=PAD)
+        losses.append(train_step(engine, module, [batch], world).loss)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps({"losses": losses}))
     shutdown()

@@ -1,4 +1,4 @@
-"""`omni-train plan`: the per-GPU memory a training configuration needs, before anything runs.
+"""The per-GPU memory a training configuration needs, before anything runs (`omni-train plan` prints it).
 
 Owns: the memory model below, computed from the composed config (model preset, stage, nodes x processes, micro
 batch, row length, sequence parallelism, ZeRO offload, activation checkpointing, loss tiling) on a meta-device
@@ -25,11 +25,10 @@ The encoders' activations are not modelled (they depend on the media mix); leave
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 
-from omni_train.config import Config, ConfigError
+from omni_train.config.schema import Config
 
 GIB = 2**30
 
@@ -37,7 +36,7 @@ GIB = 2**30
 def _meta_thinker(cfg: Config):
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
-    from omni_train.model import omni_config
+    from omni_train.model.build import omni_config
 
     with torch.device("meta"):
         return Qwen2_5OmniThinkerForConditionalGeneration(omni_config(cfg.model).thinker_config)
@@ -58,8 +57,8 @@ def estimate(cfg: Config) -> dict[str, float]:
     """Bytes per GPU for each line of the plan."""
     import fnmatch
 
-    from omni_train.engine import patterns
-    from omni_train.model import DTYPES
+    from omni_train.train.engine import patterns
+    from omni_train.model.build import DTYPES
 
     thinker = _meta_thinker(cfg)
     text = thinker.config.text_config
@@ -115,21 +114,3 @@ def warn_if_too_big(cfg: Config, warn) -> None:
     text, fits = report(cfg, gpu_gb)
     if not fits:
         warn(f"this configuration may not fit the GPU ({gpu_gb:.0f} GiB):\n{text}")
-
-
-def main(overrides: list[str]) -> int:
-    """`omni-train plan [--gpu-gb G] OVERRIDES...`; exit 0 when it fits, 1 when not, 2 on a config error."""
-    from launch.cli import compose
-
-    gpu_gb = 80.0
-    if "--gpu-gb" in overrides:
-        i = overrides.index("--gpu-gb")
-        gpu_gb = float(overrides[i + 1])
-        overrides = overrides[:i] + overrides[i + 2:]
-    try:
-        text, fits = report(compose(overrides), gpu_gb)
-    except ConfigError as e:
-        print(f"omni-train plan: error: {e}", file=sys.stderr)
-        return 2
-    print(text)
-    return 0 if fits else 1

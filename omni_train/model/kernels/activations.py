@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-MODES = ("none", "selective", "full")
+from omni_train.config.schema import Checkpointing
 
 
 def apply(thinker: nn.Module, trainer) -> None:
@@ -40,9 +40,9 @@ def apply(thinker: nn.Module, trainer) -> None:
 
 def checkpointing(model: nn.Module, trainer) -> None:
     """Activation checkpointing (and offload) on any transformers model's layers, as `trainer` says."""
-    if trainer.checkpointing == "none":
+    if trainer.checkpointing == Checkpointing.none:
         return
-    every = trainer.checkpoint_every if trainer.checkpointing == "selective" else 1
+    every = trainer.checkpoint_every if trainer.checkpointing == Checkpointing.selective else 1
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
                                           every_n_layers=every)
     if trainer.offload_activations:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from omni_train.config import ModelConfig
-from omni_train.model import omni_config
+from omni_train.config.schema import ModelConfig
+from omni_train.model.build import omni_config
 
 
 def write_tiny_sources(root: Path, model: ModelConfig, vision_depth: int | None = None) -> dict[str, str]:

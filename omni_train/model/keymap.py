@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from omni_train.config import ConfigError
+from omni_train.errors import ConfigError
 
 # (pattern, replacement or None to skip the key); the first rule that matches a key decides.
 Rules = list[tuple[str, str | None]]

@@ -7,7 +7,7 @@ tokens, and collation of packed rows into the batch the Thinker objective takes.
 A packed row is samples laid end to end, each keeping its own TMRoPE positions (3 x L, starting at 0), plus a
 fourth, leading position row of plain per-sample text positions (0, 1, ... restarting at every sample). transformers'
 Qwen2.5-Omni text model passes that leading row to its attention, which finds sample boundaries in it:
-flash-attention's varlen path takes cu_seqlens from it, and our per-sample SDPA core (omni_train.attention) runs
+flash-attention's varlen path takes cu_seqlens from it, and our per-sample SDPA core (omni_train.model.kernels.attention) runs
 causal attention sample by sample, so attention never crosses samples. The row's
 tail padding is one more "sample" of pad tokens with no labels. Media tensors are concatenated in order of
 appearance across the whole batch, matching the order of their placeholder tokens. `conditions` marks, per token,
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_prep.chatml import IGNORE
 from data_prep.media import decode_flac
-from omni_train.features import log_mel, patchify
+from omni_train.data.features import log_mel, patchify
+from omni_train.tokens import IGNORE
 
 AUDIO_BIT, IMAGE_BIT, VIDEO_BIT = 1, 2, 4
 CONDITIONS = {"text": 0, "audio": AUDIO_BIT, "image": IMAGE_BIT, "video": VIDEO_BIT}

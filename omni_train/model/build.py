@@ -27,11 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from omni_train import keymap
-from omni_train.config import ConfigError, ModelConfig
-from omni_train.keymap import Source
+from omni_train import dist
+from omni_train.config.schema import DType, ModelConfig
+from omni_train.errors import ConfigError
+from omni_train.files import is_complete
+from omni_train.model import keymap
+from omni_train.model.keymap import Source
+from omni_train.tokens import VISION_BOS, VISION_EOS
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16, DType.float16: torch.float16}
 
 
 def _read_checkpoint_config(path: Path) -> dict[str, Any]:
@@ -65,8 +69,8 @@ def omni_config(cfg: ModelConfig):
 
 def _with_vision_ids(config):
     """transformers 5.24's get_rope_index reads these from the Thinker config, which does not define them."""
-    config.thinker_config.vision_start_token_id = 151652
-    config.thinker_config.vision_end_token_id = 151653
+    config.thinker_config.vision_start_token_id = VISION_BOS
+    config.thinker_config.vision_end_token_id = VISION_EOS
     return config
 
 
@@ -94,7 +98,7 @@ def _plain(node: Any) -> Any:
     return node
 
 
-def thinker_parameter_names(cfg: ModelConfig, talker: bool = False) -> list[str]:
+def parameter_names(cfg: ModelConfig, talker: bool = False) -> list[str]:
     """Parameter names of the Thinker as the train module sees them (`thinker.` prefix), and with `talker` the
     Talker's (`talker.`), without weights: built on the meta device, so this is cheap even for the 7B."""
     from transformers import (
@@ -127,7 +131,7 @@ def build_thinker(cfg: ModelConfig, ds_config: dict | None):
     config = omni_config(cfg).thinker_config
     hf_ds = _zero3_hook(ds_config)
     model = Qwen2_5OmniThinkerForConditionalGeneration._from_config(
-        config, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation
+        config, dtype=DTYPES[cfg.dtype], attn_implementation=str(cfg.attn_implementation)
     )
     if cfg.path is not None and is_deepspeed_checkpoint(cfg.path):
         load_weights(model, *keymap.released(consolidate(Path(cfg.path))), origin=cfg.path)
@@ -159,7 +163,7 @@ def build_talker(cfg: ModelConfig, ds_config: dict | None) -> tuple[nn.Module, b
     hf_ds = _zero3_hook(ds_config)
     with _transformers_log_level(logging.ERROR):  # its config's Thinker ids lie outside the codec vocabulary
         model = Qwen2_5OmniTalkerForConditionalGeneration._from_config(
-            config, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation)
+            config, dtype=DTYPES[cfg.dtype], attn_implementation=str(cfg.attn_implementation))
     source = weights_dir(cfg)
     plan = keymap.part(source, keymap.TALKER) if source is not None else {}
     if plan:
@@ -209,10 +213,8 @@ def load_speakers(cfg: ModelConfig, default: str) -> dict[str, dict[str, torch.T
 
 
 def is_deepspeed_checkpoint(path: str | Path) -> bool:
-    """A complete training checkpoint of this framework (omni_train.checkpoint), rather than a HF directory."""
-    from omni_train.checkpoint import MARKER
-
-    return (Path(path) / MARKER).is_file()
+    """A complete training checkpoint of this framework (omni_train.train.checkpoint), rather than a HF directory."""
+    return is_complete(path)
 
 
 def consolidate(ckpt: Path) -> Path:
@@ -222,21 +224,19 @@ def consolidate(ckpt: Path) -> Path:
     from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
 
     out = ckpt / "fp32"
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if rank == 0 and not out.is_dir():
+    if dist.rank() == 0 and not out.is_dir():
         tmp = ckpt / ".fp32.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         convert_zero_checkpoint_to_fp32_state_dict(str(ckpt.parent), str(tmp), tag=ckpt.name,
                                                    safe_serialization=True)
         tmp.rename(out)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    dist.barrier()
     return out
 
 
 def load_weights(model: nn.Module, plan: dict[str, Source], unexpected: list[str], origin: str,
                  fresh: tuple[str, ...] = ()) -> None:
-    """Copy the tensors `plan` names (omni_train.keymap) into `model`, one module at a time.
+    """Copy the tensors `plan` names (omni_train.model.keymap) into `model`, one module at a time.
 
     Every parameter must be in the plan unless its name starts with one of `fresh` (it keeps its initialisation);
     keys no rule covered (`unexpected`), plan entries the model lacks and shape mismatches fail with lists.
@@ -268,7 +268,7 @@ def load_weights(model: nn.Module, plan: dict[str, Source], unexpected: list[str
     if missing or unexpected or wrong:
         raise ConfigError(f"checkpoint {origin} does not match the model: missing {_few(missing)}, unexpected "
                           f"{_few(unexpected)}, wrong shapes {_few(wrong)}")
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    rank = dist.rank()
 
     def tensor(name: str) -> torch.Tensor:
         source = plan[name]

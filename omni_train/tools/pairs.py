@@ -6,7 +6,7 @@ MODEL_DIR is a full Qwen2.5-Omni checkpoint (a Talker stage's export, or the rel
 conversations in Qwen2.5-Omni's message format whose last turn is the assistant reply to be spoken (media paths
 relative to the file). For each: the Thinker runs once on the conversation (our data path: the same tokens, TMRoPE
 positions and media features as training), the Talker samples K codec sequences in the training layout
-(omni_train.talker; top-k / top-p / temperature as transformers' generate defaults), transformers' Token2Wav turns
+(omni_train.model.talker; top-k / top-p / temperature as transformers' generate defaults), transformers' Token2Wav turns
 each into a 24 kHz waveform, and a scorer rates each (lower is better). The best and the worst become the chosen and
 rejected codes of a triplet, with their log-probs under the current model recorded as `ref_logps` (the DPO
 reference is the model the pairs were sampled from, so `talker.reference=precomputed` needs no reference copy).
@@ -38,6 +38,7 @@ import torch
 
 from data_prep.chatml import SampleError, media_parts
 from omni_train.files import write_text_atomic
+from omni_train.tokens import IGNORE
 
 SAMPLE_RATE = 24_000  # Token2Wav's output
 
@@ -89,14 +90,14 @@ class ThinkerAsr:
     def __call__(self, wave: np.ndarray) -> str:
         from data_prep.chatml import encode
         from data_prep.layout import Media
-        from omni_train.features import log_mel
+        from omni_train.data.features import log_mel
 
         audio = _resample(wave, SAMPLE_RATE, 16_000)
         messages = [{"role": "user", "content": [{"type": "audio", "audio": "clip"},
                                                  {"type": "text", "text": "Transcribe the audio."}]},
                     {"role": "assistant", "content": "x"}]
         enc = encode(messages, self.tokenizer, [Media("audio", audio_samples=audio.size)])
-        prompt = int(np.nonzero(enc["labels"] != -100)[0][0])
+        prompt = int(np.nonzero(enc["labels"] != IGNORE)[0][0])
         features = log_mel(audio)
         ids = torch.from_numpy(enc["input_ids"][:prompt])[None]
         out = self.model.thinker.generate(input_ids=ids, input_features=features[None],
@@ -153,7 +154,7 @@ def _sample_of(record: dict, base: Path, tokenizer):
     npy members decoded as the loader's safe decoder does, never pickle)."""
     from data_prep.build import prepare
     from data_prep.config import PrepConfig
-    from omni_train.batch import decode_sample
+    from omni_train.data.batch import decode_sample
 
     prepared = prepare(record.get("id", "prompt"), record, base, PrepConfig(), tokenizer)
     raw = {k: (json.loads(v) if k == "json" else np.load(io.BytesIO(v), allow_pickle=False) if k.endswith(".npy")
@@ -219,8 +220,9 @@ def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor
 def build_pairs(args) -> dict:
     from transformers import Qwen2_5OmniForConditionalGeneration
 
-    from omni_train.batch import collate_packed
-    from omni_train.talker import TalkerLM, response_span
+    from omni_train.data.batch import collate_packed
+    from omni_train.config.schema import Objective
+    from omni_train.model.talker import TalkerLM, response_span
     from omni_train.tokenizer import load_tokenizer
 
     torch.manual_seed(args.seed)
@@ -230,7 +232,7 @@ def build_pairs(args) -> dict:
     speaker = args.speaker or next(iter(speakers))
     if speaker not in speakers:
         raise SystemExit(f"omni-train pairs: speaker {speaker} is not in {args.model}/spk_dict.pt ({sorted(speakers)})")
-    objective = TalkerLM(model.thinker, model.talker, "talker_dpo", speakers, speaker)
+    objective = TalkerLM(model.thinker, model.talker, Objective.talker_dpo, speakers, speaker)
     score = SCORERS[args.scorer](args, model, tokenizer)
     voice = model.speaker_map[speaker]
     base = Path(args.prompts).resolve().parent
@@ -277,7 +279,7 @@ def build_pairs(args) -> dict:
 
 def _reference_logps(objective, model, batch: dict, chosen: torch.Tensor, rejected: torch.Tensor) -> list[float]:
     """log p(chosen), log p(rejected) under the current Talker, exactly as talker_dpo's loss computes them."""
-    from omni_train.attention import use_packed_attention
+    from omni_train.model.kernels.attention import use_packed_attention
 
     models = (model.talker.model, model.thinker.model.language_model)
     before = [m.config._attn_implementation for m in models]
@@ -288,7 +290,7 @@ def _reference_logps(objective, model, batch: dict, chosen: torch.Tensor, reject
                  "code_lengths": torch.tensor([[len(chosen), len(rejected)]])}
         text, codec, positions, targets, index = objective.sequences(batch)
         logp = objective.token_logps(model.talker, text, codec, positions, targets)
-        per_seq = torch.zeros(2, dtype=logp.dtype).index_add(0, index[targets[0] != -100], logp)
+        per_seq = torch.zeros(2, dtype=logp.dtype).index_add(0, index[targets[0] != IGNORE], logp)
         return [float(per_seq[0]), float(per_seq[1])]
     finally:
         for m, name in zip(models, before):

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from omni_train import dist
+
 MAX_SHARD_BYTES = 5 * 1024**3
 
 
@@ -22,7 +24,7 @@ def _state_dict_stream(model: nn.Module):
     """Yield (name, full CPU tensor) for every parameter and persistent buffer; collective under ZeRO-3."""
     import deepspeed
 
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    rank = dist.rank()
     for module_name, module in model.named_modules():
         scope = f"{module_name}." if module_name else ""
         params = list(module.named_parameters(recurse=False))
@@ -48,7 +50,7 @@ def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer=No
     """
     from safetensors.torch import save_file
 
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    rank = dist.rank()
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp")
     if rank == 0:
@@ -92,8 +94,7 @@ def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer=No
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    dist.barrier()
     return out if rank == 0 else None
 
 
@@ -101,8 +102,8 @@ def export_omni(thinker: nn.Module, talker: nn.Module, token2wav: nn.Module, con
                 out_dir: str | os.PathLike, tokenizer=None) -> Path | None:
     """The full model (Thinker + Talker + Token2Wav, released layout, with its spk_dict.pt) that transformers'
     `Qwen2_5OmniForConditionalGeneration.from_pretrained` loads. Collective, like export_pretrained."""
-    from omni_train.keymap import hub_name
-    from omni_train.model import SPEAKERS_FILE
+    from omni_train.model.keymap import hub_name
+    from omni_train.model.build import SPEAKERS_FILE
 
     whole = nn.Module()
     whole.thinker, whole.talker, whole.token2wav = thinker, talker, token2wav

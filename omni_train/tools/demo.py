@@ -18,9 +18,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from launch.cli import compose, launch
+from launch.cli import launch
+from omni_train.config.compose import compose
 from omni_train.files import write_json_atomic
-from omni_train.tiny_sources import write_tiny_sources
+from omni_train.tools.tiny_sources import write_tiny_sources
 
 # conf/data/sample.yaml names both sources (weight 1 each); stages 1 and 2 choose their own mixture.
 MEDIA = "{name:media,path:outputs/demo/shards/media,weight:%s}"
@@ -74,6 +75,14 @@ def speak(export: Path, wav: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="omni-demo", description=__doc__.split("\n\n")[0],
+        epilog="Writes outputs/demo/ (removed first). Overrides apply to every stage (e.g. launcher.nproc_per_node=2).")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides added to every stage's command")
+    argv = parser.parse_args(sys.argv[1:] if argv is None else argv).overrides
+
     from data_prep.build import build
     from data_prep.config import from_overrides
     from data_prep.sample import write_sample_corpus
@@ -88,13 +97,13 @@ def main(argv: list[str] | None = None) -> None:
         index = build(str(source), str(shards), from_overrides([]))
         summary["data"][name] = {"manifest": str(source), "shards": str(shards), "num_shards": len(index["shards"]),
                                  **index["totals"]}
-    sources = write_tiny_sources(out / "init", compose(argv or sys.argv[1:]).model)
+    sources = write_tiny_sources(out / "init", compose(argv).model)
     summary["init"] = sources
     start = [f"model.compose.{role}={path}" for role, path in sources.items()]
     for stage, overrides in STAGES:
         run_dir = out / stage
         args = [f"stage={stage}", f"run_dir={run_dir}", "trainer.save_every=10", *start, *overrides,
-                *(argv or sys.argv[1:])]
+                *argv]
         print(f"omni-demo: stage {stage}: omni-launch {' '.join(args)}", flush=True)
         code = launch(args)
         if code != 0:

@@ -18,8 +18,9 @@ import functools
 import numpy as np
 import torch
 
-N_FFT, HOP, N_MELS, SAMPLE_RATE = 400, 160, 128, 16_000
-PATCH, TEMPORAL_PATCH, MERGE = 14, 2, 2
+from data_prep.layout import HOP, MERGE, PATCH, SAMPLE_RATE, TEMPORAL_PATCH, mel_frames
+
+N_FFT, N_MELS = 400, 128
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -36,7 +37,7 @@ def _mel_filters() -> torch.Tensor:
 def log_mel(wave: np.ndarray) -> torch.Tensor:
     """(128, ceil(len / 160)) float32 features of a mono 16 kHz clip."""
     n = len(wave)
-    valid = -(-n // HOP)
+    valid = mel_frames(n)
     # Zero tail long enough that every frame whose window reaches a signal sample is computed.
     padded = torch.zeros(n + N_FFT, dtype=torch.float32)
     padded[:n] = torch.from_numpy(np.asarray(wave, dtype=np.float32))

@@ -1,82 +1,21 @@
-"""The distributed engine: process group, DeepSpeed config, optimizer, schedule, `deepspeed.initialize`.
+"""The DeepSpeed engine: its config, which parameters train, optimizer, schedule, `deepspeed.initialize`.
 
-Owns: starting the process group (gloo on CPU, NCCL on GPU, with a bounded collective timeout, and each rank's
-heartbeat: omni_train/liveness.py), composing the
-DeepSpeed JSON from the Hydra `deepspeed/` and `trainer` groups (no hand-kept JSON), freezing by name pattern,
-AdamW over the trainable parameters only (frozen ones get no optimizer state), linear warmup + cosine decay, and
-wrapping the train module in a DeepSpeed engine.
+Owns: composing the DeepSpeed JSON from the Hydra `deepspeed/` and `trainer` groups (no hand-kept JSON), freezing by
+name pattern or module group, AdamW over the trainable parameters only (frozen ones get no optimizer state), linear
+warmup + cosine decay, and wrapping the train module in a DeepSpeed engine.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
-import os
-from datetime import timedelta
 
 import torch
 from torch import nn
 
-from omni_train import liveness
-from omni_train.config import Config, ConfigError
-
-
-def on_gpu() -> bool:
-    return torch.cuda.is_available()
-
-
-def init_distributed(timeout_min: float) -> tuple[int, int]:
-    """Join the process group described by torchrun-style environment variables (a lone process forms a group of
-    one). Returns (rank, world_size)."""
-    import deepspeed
-
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        _ranks_from_slurm()
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    if on_gpu():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend="nccl" if on_gpu() else "gloo",
-            timeout=timedelta(minutes=timeout_min),
-            verbose=False,
-        )
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    liveness.start(rank, world)
-    return rank, world
-
-
-def _ranks_from_slurm() -> None:
-    """Ranks and rendezvous of a process started by `srun` directly (one task per GPU, no torchrun): rank, world and
-    local rank from SLURM's task variables, the master on the job's first node."""
-    env = os.environ
-    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
-    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
-    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
-
-
-def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list ("node[03-05,07],gpu1" -> "node03")."""
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist.split("]")[0] + "]"
-    if "[" not in head:
-        return head
-    prefix, ranges = head.split("[", 1)
-    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
-
-
-def shutdown() -> None:
-    """Leave the process group (and its sub-groups) explicitly at the end of a successful run: left to interpreter
-    exit, gloo's worker threads can be torn down while joinable and abort the process (SIGABRT, "terminate called
-    without an active exception"), which torchrun reports as a failed rank."""
-    liveness.stop()
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+from omni_train.config.schema import Config
+from omni_train.errors import ConfigError
+from omni_train.train.distributed import on_gpu
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:

@@ -22,9 +22,9 @@ all-ones mask, so an unpadded batch at inference gets neither (see SPEC.md). We 
 The Thinker runs once per micro-batch (no gradient) on the packed rows as the Thinker objective sees them; every
 Talker sequence of the micro-batch (per sample: the chosen codes, and for DPO the rejected codes too, sharing that
 one Thinker pass) is laid end to end in one row with per-sequence positions, so the Talker's attention stays inside
-each sequence (omni_train.attention's per-sample core). The codec vocabulary is 8,448 wide: its logits are formed
+each sequence (omni_train.model.kernels.attention's per-sample core). The codec vocabulary is 8,448 wide: its logits are formed
 whole in fp32 (a 4k-position row holds 140 MB of them), or with `trainer.logits_chunk` fused with the loss and
-tiled as the Thinker's head is (omni_train.head_loss).
+tiled as the Thinker's head is (omni_train.model.kernels.head_loss).
 
 DPO (the paper's Talker stage 2; TRL's sigmoid loss, a test checks ours against TRL's): per triplet
   loss = -log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))) + sft_weight * mean CE of the chosen codes,
@@ -42,12 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_prep.chatml import IGNORE
-from data_prep.layout import AUDIO, IMAGE, VIDEO
-from omni_train.head_loss import HeadLoss
-from omni_train.objectives import ThinkerLM
-
-OBJECTIVES = ("thinker", "talker_sft", "talker_dpo")
+from omni_train.config.schema import Objective
+from omni_train.model.kernels.head_loss import HeadLoss
+from omni_train.model.media import MediaEmbedder
+from omni_train.tokens import IGNORE, MEDIA
 
 
 @dataclass(frozen=True)
@@ -134,8 +132,9 @@ STATS = ("loss", "units", "sft_loss", "sft_tokens", "dpo_loss", "correct", "marg
          "reward_rejected", "logp_chosen", "logp_rejected", "triplets")
 
 
-class TalkerLM(ThinkerLM):
-    """The Talker's objective on top of the frozen Thinker (inherits the Thinker's ZeRO-3-safe media embedding).
+class TalkerLM(nn.Module):
+    """The Talker's objective on top of the frozen Thinker (media embedded by the Thinker's ZeRO-3-safe
+    MediaEmbedder, as for the Thinker objective).
 
     Submodules (parameter name prefixes): `thinker.` (frozen), `talker.` (trained), and for DPO `reference.` (the
     frozen reference Talker; absent when the shards carry precomputed reference log-probs).
@@ -145,15 +144,17 @@ class TalkerLM(ThinkerLM):
     `ref_logps` (n, 2). It returns (loss sum, stats): the loss summed over this rank's units (codec targets for
     SFT, triplets for DPO) and a float64 vector of STATS sums, for the loop to normalise across ranks."""
 
-    def __init__(self, thinker: nn.Module, talker: nn.Module, objective: str, speakers: dict[str, int],
+    def __init__(self, thinker: nn.Module, talker: nn.Module, objective: Objective, speakers: dict[str, int],
                  default_speaker: str, reference: nn.Module | None = None, beta: float = 0.1, sft_weight: float = 0.0,
                  logits_chunk: int = 0):
-        super().__init__(thinker)
-        # > 0: the codec head and its cross-entropy fused and tiled (omni_train.head_loss), as for the Thinker
+        super().__init__()
+        self.thinker = thinker
+        self.media = MediaEmbedder(thinker)
+        # > 0: the codec head and its cross-entropy fused and tiled (omni_train.model.kernels.head_loss), as for the Thinker
         self.head_losses = nn.ModuleDict({name: HeadLoss(model.codec_head, logits_chunk) for name, model in
                                           (("talker", talker), ("reference", reference)) if model is not None}) \
             if logits_chunk > 0 else None
-        if objective not in ("talker_sft", "talker_dpo"):
+        if objective not in (Objective.talker_sft, Objective.talker_dpo):
             raise ValueError(f"TalkerLM objective must be talker_sft or talker_dpo, got {objective}")
         if default_speaker not in speakers:
             raise ValueError(f"talker.speaker={default_speaker} is not among the model's speakers {sorted(speakers)}")
@@ -180,10 +181,10 @@ class TalkerLM(ThinkerLM):
     def _thinker_states(self, input_ids, position_ids, audio_features, audio_lengths, pixel_values, grid_thw):
         """The Thinker's last hidden states and input embeddings (media positions zeroed), without gradient."""
         with torch.no_grad():
-            embeds = self.embed(input_ids, audio_features, audio_lengths, pixel_values, grid_thw)
+            embeds = self.media(input_ids, audio_features, audio_lengths, pixel_values, grid_thw)
             hidden = self.thinker.model.language_model(
                 inputs_embeds=embeds, position_ids=position_ids, use_cache=False).last_hidden_state
-            media = (input_ids == AUDIO) | (input_ids == IMAGE) | (input_ids == VIDEO)
+            media = torch.isin(input_ids, torch.tensor(MEDIA, device=input_ids.device))
             return hidden, embeds.masked_fill(media.unsqueeze(-1), 0.0)
 
     def _thinker_side(self, batch: dict):
@@ -203,7 +204,7 @@ class TalkerLM(ThinkerLM):
 
     def prompts(self, batch: dict) -> tuple[list[tuple], torch.Tensor]:
         """Per sample, what the Talker reads before its first code (omni_train.talker.talker_prompt), and the
-        tts_text_pad embedding; for sampling codes (omni_train.pairs)."""
+        tts_text_pad embedding; for sampling codes (omni_train.tools.pairs)."""
         hidden, embeds, eos_embed, pad_embed, bos_embeds, samples = self._thinker_side(batch)
         labels, positions = batch["labels"], batch["position_ids"]
         out = []
@@ -284,7 +285,8 @@ class TalkerLM(ThinkerLM):
                 ref = torch.zeros_like(per_seq).index_add(0, seq, ref_logp)
         elif ref_logps is None or torch.isnan(ref_logps).any():
             raise ValueError("talker.reference=precomputed, but a sample of this batch has no reference log-probs "
-                             "in its shard: run `omni-prep ref-logps` on the shards, or use talker.reference=model")
+                             "in its shard: build the triplets with `omni-train pairs` (which records them), or use "
+                             "talker.reference=model")
         else:
             ref = ref_logps.to(per_seq.dtype).t().flatten()
         dpo, reward_w, reward_l = dpo_sigmoid_loss(per_seq[:n], per_seq[n:], ref[:n], ref[n:], self.beta)

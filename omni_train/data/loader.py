@@ -14,13 +14,18 @@ Mental model (one line per class):
                   and how many micro-batches of that chunk were delivered. Restoring re-reads one chunk, never
                   the epoch before it.
 
-A corrupt sample (unreadable tar member, broken json/npy, undecodable media) is skipped, counted per source and
-reason; more than `max_bad_samples` in a row stops the run with one clear line. Nothing is unpickled: only json and
-npy (allow_pickle=False) are decoded from shards.
+A corrupt sample (unreadable tar member, broken json/npy, undecodable media, missing speech codes) is set aside,
+counted per source and reason; more than `max_bad_samples` in a row (whether found while reading a window or while
+decoding a micro-batch's media) stops the run with one clear line. A programming error is not bad data: the
+exceptions in SYSTEM_EXCEPTIONS (an import that fails, a name that does not exist, ...) propagate with their trace
+wherever they are raised. Nothing is unpickled: only json and npy (allow_pickle=False) are decoded from shards;
+members that would need unpickling (.pyd, .pickle, .pkl, .pth) are never decoded, and a sample that carries one
+beside its own members is read without it.
 """
 
 from __future__ import annotations
 
+import enum
 import glob
 import io
 import json
@@ -31,8 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omni_train.batch import best_fit, collate_packed, decode_sample
-from omni_train.config import ConfigError
+from omni_train.data.batch import best_fit, collate_packed, decode_sample
+from omni_train.errors import ConfigError
+
+# Raised by a bug or a broken environment, never by a bad sample: they stop the run with their trace instead of
+# setting samples aside (Megatron-Energon's SYSTEM_EXCEPTIONS, the same idea).
+SYSTEM_EXCEPTIONS = (SystemError, SyntaxError, ImportError, NameError, MemoryError, RecursionError, ReferenceError,
+                     StopIteration, StopAsyncIteration, NotImplementedError)
 
 
 def _expand(pattern: str) -> list[str]:
@@ -66,14 +76,18 @@ class ShardSet:
         return cls(name, _expand(pattern), weight)
 
 
+PICKLED = ("pyd", "pickle", "pkl", "pth")  # member extensions that only unpickling would read
+
+
 def decode_safe(raw: dict) -> dict:
-    """json and npy only; every other member stays bytes. Pickle-bearing members make the sample corrupt."""
+    """json and npy decoded, media left as bytes; a member that would need unpickling (.pyd, .pickle, .pkl, .pth)
+    is left out, never decoded (nothing this framework writes has one, so the sample is read without it)."""
     out = {}
     for key, value in raw.items():
         if key.startswith("__"):
             out[key] = value
-        elif key.endswith((".pyd", ".pickle", ".pkl", ".pth")):
-            raise ValueError(f"member {key} would need unpickling")
+        elif key.rsplit(".", 1)[-1] in PICKLED:
+            continue
         elif key == "json" or key.endswith(".json"):
             out[key] = json.loads(value)
         elif key.endswith(".npy"):
@@ -98,14 +112,18 @@ class _SetAside(Exception):
         self.kind = kind
 
 
-SPEECH = ("none", "chosen", "pair")  # what a stage needs of each sample's speech (Thinker, talker_sft, talker_dpo)
-NEEDS_SPEECH = {"thinker": "none", "talker_sft": "chosen", "talker_dpo": "pair"}  # by stage.objective
+class Speech(enum.StrEnum):
+    """What a stage needs of each sample's speech (declared by its recipe, omni_train/train/recipes)."""
+
+    none = "none"  # nothing: the Thinker stages
+    chosen = "chosen"  # codec ids of the spoken reply: talker_sft
+    pair = "pair"  # chosen and rejected codec ids: talker_dpo
 
 
-def _check_speech(sample, need: str) -> None:
-    if need != "none" and sample.speech is None:
+def _check_speech(sample, need: Speech) -> None:
+    if need != Speech.none and sample.speech is None:
         raise _SetAside("no speech codes (a Talker stage needs them)", f"sample {sample.id} has no speech")
-    if need == "pair" and sample.speech.rejected is None:
+    if need == Speech.pair and sample.speech.rejected is None:
         raise _SetAside("no rejected codes (talker_dpo needs triplets)", f"sample {sample.id} has no rejected codes")
 
 
@@ -182,8 +200,9 @@ class SlotStream:
 
     def __init__(self, sources: list[ShardSet], slot: int, slots: int, seed: int, max_len: int, rows: int,
                  chunk_samples: int, pad_id: int, state: LoaderState | None = None, max_bad_samples: int = 100,
-                 resample: bool = False, speech: str = "none"):
+                 resample: bool = False, speech: Speech = Speech.none):
         self.sources, self.slot, self.slots, self.seed = sources, slot, slots, seed
+        self.bad_in_a_row = 0  # bad samples since the last good one, wherever they were found
         self.max_len, self.rows, self.chunk_samples, self.pad_id = max_len, rows, chunk_samples, pad_id
         self.max_bad_samples, self.resample, self.speech = max_bad_samples, resample, speech
         self.state = state or LoaderState({s.name: vars(Position()) for s in sources})
@@ -196,18 +215,20 @@ class SlotStream:
         u = np.random.default_rng([self.seed, self.slot, draw, 11]).random()
         return min(int(np.searchsorted(self.cumulative, u, side="right")), len(self.sources) - 1)
 
-    def _set_aside(self, skipped: dict[str, int], source: str, error: Exception, in_a_row: int) -> None:
+    def _set_aside(self, skipped: dict[str, int], source: str, error: Exception) -> None:
+        """Count a bad sample under its source and reason; more than max_bad_samples in a row stop the run."""
         reason = f"{source}: {error.kind if isinstance(error, _SetAside) else 'undecodable sample'}"
         skipped[reason] = skipped.get(reason, 0) + 1
-        if in_a_row > self.max_bad_samples:
-            raise ConfigError(f"{in_a_row} corrupt samples in a row in source {source} (last: {error}); "
+        self.bad_in_a_row += 1
+        if self.bad_in_a_row > self.max_bad_samples:
+            raise ConfigError(f"{self.bad_in_a_row} corrupt samples in a row in source {source} (last: {error}); "
                               "check its shards") from None
 
     def _chunk(self, readers, state: LoaderState, skipped: dict[str, int]):
         """Draw one window of samples and pack it by token count. Only json and npy are decoded here (cheap), so a
         window can span many rows; media are decoded when a micro-batch is built. Returns rows of
         (raw sample, source, epoch, length) and the draw counter after the window."""
-        items, bad_in_a_row, draws = [], 0, state.draws
+        items, draws = [], state.draws
         while len(items) < self.chunk_samples:
             k = self._source_of(draws)
             draws += 1
@@ -220,11 +241,12 @@ class SlotStream:
                 length = len(raw["input_ids.npy"])
                 if length > self.max_len:
                     raise _SetAside("longer than max_len", f"{length} tokens > max_len={self.max_len}")
+            except SYSTEM_EXCEPTIONS:
+                raise
             except Exception as e:  # noqa: BLE001 - any defect of one sample sets only that sample aside
-                bad_in_a_row += 1
-                self._set_aside(skipped, source, e, bad_in_a_row)
+                self._set_aside(skipped, source, e)
                 continue
-            bad_in_a_row = 0
+            self.bad_in_a_row = 0
             items.append((raw, source, epoch, length))
         order = np.random.default_rng([self.seed, self.slot, state.chunk, 13]).permutation(len(items))
         items = [items[i] for i in order]
@@ -240,10 +262,14 @@ class SlotStream:
                 try:
                     sample = decode_sample(raw)
                     _check_speech(sample, self.speech)
-                    decoded[-1].append(sample)
-                    kept.append((source, epoch))
+                except SYSTEM_EXCEPTIONS:
+                    raise
                 except Exception as e:  # noqa: BLE001 - a bad media file costs its sample only
-                    self._set_aside(skipped, source, e, 1)
+                    self._set_aside(skipped, source, e)
+                    continue
+                self.bad_in_a_row = 0
+                decoded[-1].append(sample)
+                kept.append((source, epoch))
         return decoded, kept
 
     def __iter__(self):
@@ -290,7 +316,7 @@ class RankLoader:
 
     def __init__(self, sources: list[ShardSet], rank: int, world: int, workers: int, seed: int, max_len: int,
                  rows: int, chunk_samples: int, pad_id: int, max_bad_samples: int = 100, resample: bool = False,
-                 speech: str = "none"):
+                 speech: Speech = Speech.none):
         self.sources, self.rank, self.world, self.workers = sources, rank, world, max(1, workers)
         self.speech = speech
         self.use_processes = workers > 0
@@ -331,25 +357,26 @@ class RankLoader:
         self.next_slot = state["next_slot"]
 
 
-def check_speech(sources, need: str) -> None:
+def check_speech(sources, need: Speech) -> None:
     """Before a Talker stage starts: every source whose index.json is at hand holds samples with the speech the
-    stage needs (SPEECH), else one line naming it (without this, every sample would be set aside, one by one)."""
-    if need == "none":
+    stage needs, else one line naming it (without this, every sample would be set aside, one by one)."""
+    if need == Speech.none:
         return
-    kinds = ("speech", "speech_pair") if need == "chosen" else ("speech_pair",)
+    kinds = ("speech", "speech_pair") if need == Speech.chosen else ("speech_pair",)
     for source in sources:
         index = Path(source.path) / "index.json"
         if not index.is_file():
             continue  # a glob or URLs: the loader's per-sample check still applies
         counts = json.loads(index.read_text())["totals"].get("modalities", {})
         if not any(counts.get(k, 0) for k in kinds):
-            what = "speech codes (speech.chosen)" if need == "chosen" else "speech triplets (speech.chosen and .rejected)"
+            what = "speech codes (speech.chosen)" if need == Speech.chosen else "speech triplets (speech.chosen and .rejected)"
             raise ConfigError(f"data source {source.name} ({source.path}) has no samples with {what}; a Talker stage "
                               "trains on those: build them with omni-prep from records with `speech`")
 
 
-def build_rank_loader(cfg, tokenizer, rank: int, world: int, seed: int, rows: int, speech: str = "none") -> RankLoader:
-    """The loader of one rank from the `data` config group (omni_train.config.DataConfig); `speech` (SPEECH) is
+def build_rank_loader(cfg, tokenizer, rank: int, world: int, seed: int, rows: int,
+                      speech: Speech = Speech.none) -> RankLoader:
+    """The loader of one rank from the `data` config group (omni_train.config.schema.DataConfig); `speech` is
     what the stage needs of every sample's speech: samples without it are set aside with that reason."""
     sources = [ShardSet.open(s.name, s.path, float(s.weight), tokenizer) for s in cfg.sources]
     return RankLoader(sources, rank, world, cfg.workers, seed, cfg.max_len, rows, cfg.chunk_samples,

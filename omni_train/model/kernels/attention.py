@@ -1,7 +1,7 @@
 """Attention over packed rows, and Ulysses sequence parallelism for the Thinker's language model.
 
 Owns: the per-document causal attention core (`packed_attention`), which finds sample boundaries in a packed row
-from its text position row (positions restart at 0 at every sample, see omni_train.batch) and runs causal SDPA on
+from its text position row (positions restart at 0 at every sample, see omni_train.data.batch) and runs causal SDPA on
 each sample separately, so no L x L mask is ever built and no token attends across samples; and `SequenceParallel`,
 which shards a packed row along the sequence over a group of ranks and wraps that core in DeepSpeed's Ulysses
 attention (`deepspeed.runtime.sequence_parallel.ulysses_sp.UlyssesSPAttentionHF`, from ALST): an all-to-all turns

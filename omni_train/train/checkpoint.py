@@ -1,8 +1,9 @@
 """Checkpoints: DeepSpeed's sharded state plus our run state, complete-or-absent, and `resume=auto`.
 
 Owns the layout `RUN_DIR/checkpoints/step_00000010/`: DeepSpeed's per-rank model and optimizer shards, one
-`run_state_rank{R}.json` per rank (step, loader position, torch RNG; JSON, never pickle), and a `COMPLETE` marker
-that rank 0 writes after every rank has finished writing. Only checkpoints with the marker count: a crash while
+`run_state_rank{R}.json` per rank (step, loader position, and every RNG the run may draw from: torch's CPU
+generator, this rank's CUDA generator on GPU, Python's `random` and numpy's global one; JSON, never pickle), and a
+`COMPLETE` marker that rank 0 writes after every rank has finished writing. Only checkpoints with the marker count: a crash while
 saving leaves a directory without it, which resume ignores and the next save removes.
 """
 
@@ -10,15 +11,16 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from omni_train.config import ConfigError
+from omni_train.errors import ConfigError
+from omni_train.files import COMPLETE as MARKER
 from omni_train.files import write_json_atomic
-
-MARKER = "COMPLETE"
 
 
 def _dir(run_dir: str) -> Path:
@@ -62,7 +64,7 @@ def save(engine, run_dir: str, step: int, loader_state: dict, keep_last: int) ->
             "step": step,
             "world_size": torch.distributed.get_world_size(),
             "loader": loader_state,
-            "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+            **rng_state(),
         },
     )
     torch.distributed.barrier()
@@ -89,6 +91,39 @@ def load(engine, ckpt: Path) -> dict:
     load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=True)
     if load_path is None:
         raise ConfigError(f"DeepSpeed could not load {ckpt}: its shards are missing or unreadable")
-    rng = torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8)
-    torch.set_rng_state(rng)
+    restore_rng(state)
     return state
+
+
+def _encode(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _decode(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def rng_state() -> dict:
+    """This process's random generators, as JSON values."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch_rng": _encode(torch.get_rng_state()),
+             "python_rng": [version, list(words), gauss],
+             "numpy_rng": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = _encode(torch.cuda.get_rng_state())  # this rank's device (init_distributed set it)
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Put back what rng_state saved. A checkpoint written on CPU resumed on a GPU leaves the CUDA generator seeded
+    as the run seeded it; one written before the Python and numpy generators were saved leaves those as they are."""
+    torch.set_rng_state(_decode(state["torch_rng"]))
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_decode(state["cuda_rng"]))
+    if "python_rng" in state:
+        version, words, gauss = state["python_rng"]
+        random.setstate((version, tuple(words), gauss))
+    if "numpy_rng" in state:
+        kind, keys, pos, has_gauss, cached = state["numpy_rng"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))

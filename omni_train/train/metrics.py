@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from omni_train.config import LoggingConfig
+from omni_train.config.schema import LoggingConfig
 from omni_train.files import write_text_atomic
 
 SECRET_KEY = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
@@ -92,3 +92,14 @@ def _wandb_id(run_dir: str) -> str:
     import hashlib
 
     return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
+
+
+def peak_memory_gb() -> float:
+    """This process's peak memory so far: CUDA's max allocated on GPU, max resident set size on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB

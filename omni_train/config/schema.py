@@ -1,0 +1,282 @@
+"""Structured configuration: the schema behind every Hydra config group.
+
+Owns: one dataclass per config group (`model/`, `deepspeed/`, `trainer`, `data/`, `stage/`, `logging`, `launcher`,
+`talker`), registered with Hydra's ConfigStore, and one Enum per closed set of values, so that an unknown key, a
+wrongly typed value or a value outside its set fails at composition with OmegaConf's one line. What types cannot
+say (ranges, paths, divisibility) is checked by omni_train.config.validate.
+
+A leaf: imports nothing of the project (Hydra and OmegaConf only), so every layer may read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Objective(StrEnum):
+    """What a stage trains (omni_train/train/recipes): next-token LM on the Thinker, next codec token on the frozen
+    Thinker's states, or DPO on speech preference triplets."""
+
+    thinker = "thinker"
+    talker_sft = "talker_sft"
+    talker_dpo = "talker_dpo"
+
+
+class Checkpointing(StrEnum):
+    """Activation checkpointing (omni_train/model/kernels/activations.py)."""
+
+    none = "none"
+    selective = "selective"
+    full = "full"
+
+
+class Reference(StrEnum):
+    """Where talker_dpo's reference log-probs come from."""
+
+    model = "model"
+    precomputed = "precomputed"
+
+
+class DType(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Attention(StrEnum):
+    """transformers' attention implementation for the model (sdpa: our per-sample packed core on the LLM)."""
+
+    sdpa = "sdpa"
+    flash_attention_2 = "flash_attention_2"
+    eager = "eager"
+
+
+class Offload(StrEnum):
+    none = "none"
+    cpu = "cpu"
+
+
+class WandbMode(StrEnum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class Launcher(StrEnum):
+    """How `omni-launch` starts the processes (launch/cli.py); none: `omni-train` was started directly."""
+
+    none = "none"
+    local = "local"
+    torchrun = "torchrun"
+    deepspeed = "deepspeed"
+    slurm = "slurm"
+
+
+@dataclass
+class ComposeConfig:
+    # Local checkpoint directories (Hugging Face layout): a Qwen2.5 LLM (Qwen2ForCausalLM), a Whisper model
+    # (WhisperModel or WhisperForConditionalGeneration; its encoder is used) and Qwen2.5-VL (its vision tower).
+    # All three or none.
+    llm: Optional[str] = None
+    audio: Optional[str] = None
+    vision: Optional[str] = None
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.llm, self.audio, self.vision))
+
+
+@dataclass
+class ModelConfig:
+    preset: str = MISSING
+    # A local Hugging Face checkpoint directory; None initialises the preset randomly (or composes, below).
+    path: Optional[str] = None
+    # Stage-1 initialisation by composition (omni_train/keymap.py lists the key mapping); exclusive with `path`.
+    compose: ComposeConfig = field(default_factory=ComposeConfig)
+    dtype: DType = DType.float32
+    attn_implementation: Attention = Attention.sdpa
+    # Keyword arguments of transformers' Qwen2_5OmniConfig (thinker_config, talker_config, token2wav_config).
+    hf_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DeepSpeedConfig:
+    name: str = MISSING
+    zero_stage: int = 3
+    offload_optimizer: Offload = Offload.none
+    offload_param: Offload = Offload.none
+    overlap_comm: bool = False
+    reduce_bucket_size: int = 50_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    # Merged verbatim into the generated DeepSpeed JSON, for settings this schema does not name.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 30
+    micro_batch_size: int = 2
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 1234
+    save_every: int = 10
+    keep_last: int = 2
+    export: bool = True
+    # Minutes a collective may wait for a peer during training steps before the job stops (torch's default is 30).
+    dist_timeout_min: float = 10.0
+    # Minutes a collective may wait while ranks do unequal work: start-up (model build, rank 0 consolidating a
+    # DeepSpeed checkpoint), the first step, checkpoint saves and the export (rank 0 writes, the others wait).
+    startup_timeout_min: float = 60.0
+    # Ranks that share one packed row, each holding 1/N of its tokens (Ulysses; 1 = off). It must divide the
+    # world size and data.pad_to_multiple_of, and split the attention heads (see omni_train/attention.py).
+    sequence_parallel: int = 1
+    # Labelled tokens per tile of the fused LM head + cross-entropy (omni_train/head_loss.py); 0 forms all their
+    # logits at once (the plain path); the Talker's codec head likewise. Same loss and gradients either way. A tile
+    # holds ~12 x 152k bytes per token at its peak (1024: 1.7 GiB).
+    logits_chunk: int = 1024
+    # Activation checkpointing (omni_train/activations.py): none | selective (every `checkpoint_every`-th layer) |
+    # full (every layer); `offload_activations` keeps the checkpointed inputs in host memory.
+    checkpointing: Checkpointing = Checkpointing.none
+    checkpoint_every: int = 2
+    offload_activations: bool = False
+    # Tokens per tile of the language model's MLPs (DeepSpeed's TiledMLP); 0 runs them whole.
+    mlp_chunk: int = 0
+
+
+@dataclass
+class SourceConfig:
+    name: str = MISSING
+    # Shards made by `omni-prep build`: its output directory, a glob, a brace list or URLs webdataset opens.
+    path: str = MISSING
+    # Mixing weight; the realised mixture is logged.
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    sources: list[SourceConfig] = MISSING
+    # Packed row length; samples are packed whole, a longer sample is set aside and counted.
+    max_len: int = 8192
+    # Rows are a multiple of this long (attention kernels want multiples of 8 or 64).
+    pad_to_multiple_of: int = 64
+    # Samples shuffled and packed together (the shuffle window). Larger packs tighter (8192 gave >= 99.4% at 8k
+    # and 32k rows in benchmarks/packing_efficiency.py) and costs their compressed bytes in memory per worker.
+    chunk_samples: int = 2048
+    # Decoding worker processes per rank (0: decode in the training process).
+    workers: int = 2
+    # Corrupt samples in a row before the run stops.
+    max_bad_samples: int = 100
+    # False: each epoch a permutation of the shards (every sample once per epoch per slot); True: shards drawn
+    # with replacement (resampled, for mixtures whose sources should not run in lockstep with their sizes).
+    resample: bool = False
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+    # Glob-style patterns of parameter names that train, or module groups (llm, audio_encoder, vision_encoder,
+    # audio_adapter, vision_adapter; omni_train/train/engine.py GROUPS); everything else is frozen. ["*"] trains all.
+    trainable: list[str] = field(default_factory=lambda: ["*"])
+    # What trains: thinker (next-token LM), talker_sft (next codec token on the frozen Thinker's states) or
+    # talker_dpo (DPO on speech preference triplets); one recipe each in omni_train/train/recipes.
+    objective: Objective = Objective.thinker
+
+
+@dataclass
+class TalkerConfig:
+    # DPO temperature (the paper does not disclose its value; TRL's default).
+    beta: float = 0.1
+    # Weight of the chosen sequence's mean codec cross-entropy added to each triplet's DPO loss (0: pure DPO).
+    sft_weight: float = 0.0
+    # model: a frozen copy of the starting Talker scores the reference log-probs (ZeRO-3-partitioned like the
+    # policy); precomputed: the shards carry them (the on-policy pair builder records them).
+    reference: Reference = Reference.model
+    # The speaker a sample without one is spoken by (a key of the model's spk_dict.pt).
+    speaker: str = "Chelsie"
+
+
+@dataclass
+class LoggingConfig:
+    # wandb: offline unless the user opts in; the API key comes from the environment, never from config.
+    wandb_mode: WandbMode = WandbMode.offline
+    wandb_project: str = "omni-train"
+    progress_bar: bool = True
+
+
+@dataclass
+class SlurmConfig:
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: str = "01:00:00"
+    # GPUs per node to request (0: none, e.g. a CPU cluster); nproc_per_node processes run on each node.
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    job_name: str = "omni-train"
+    # Where sbatch writes each job's log (%x job name, %j job id); relative paths are under run_dir.
+    output: str = "logs/%x-%j.out"
+    # Extra `#SBATCH` lines, verbatim (e.g. "--exclusive", "--qos=high").
+    extra: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LauncherConfig:
+    name: Launcher = Launcher.none
+    # Processes per machine (GPUs per node on a cluster); `omni-launch` starts them, `omni-train` is one of them.
+    nproc_per_node: int = 1
+    nodes: int = 1
+    # torchrun: this machine's index among the nodes (None: c10d assigns one on arrival).
+    node_rank: Optional[int] = None
+    # torchrun: this node's address as the others reach it (None: its host name), for a host whose name resolves
+    # to the wrong network; c10d orders the nodes' ranks by it.
+    local_addr: Optional[str] = None
+    # torchrun's c10d rendezvous store (host:port of one node every node reaches) and the job's name in it.
+    rdzv_endpoint: str = "127.0.0.1:29400"
+    rdzv_id: str = "omni-train"
+    # Elastic node range "min:max" (empty: exactly `nodes`).
+    elastic: str = ""
+    # Times torchrun restarts the workers after a failure; a restart resumes from the newest complete checkpoint.
+    max_restarts: int = 0
+    # DeepSpeed's launcher: its hostfile ("host slots=N" lines) and the first host's address and port.
+    hostfile: Optional[str] = None
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    deepspeed: DeepSpeedConfig = MISSING
+    data: DataConfig = MISSING
+    stage: StageConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    talker: TalkerConfig = field(default_factory=TalkerConfig)
+    run_dir: str = "outputs/${stage.name}"
+    # none: start fresh (refused if run_dir has checkpoints); auto: newest complete checkpoint in run_dir.
+    resume: str = "none"
+
+
+def register() -> None:
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
+    store.store(group="model", name="schema", node=ModelConfig)
+    store.store(group="deepspeed", name="schema", node=DeepSpeedConfig)
+    store.store(group="data", name="schema", node=DataConfig)
+    store.store(group="stage", name="schema", node=StageConfig)
+    store.store(group="launcher", name="schema", node=LauncherConfig)

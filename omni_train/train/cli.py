@@ -1,0 +1,108 @@
+"""`omni-train`: one process of a training job, and the commands around training.
+
+    omni-train [train] OVERRIDES...        train one stage (Hydra overrides; one process of the job, which
+                                           `omni-launch` starts)
+    omni-train plan [--gpu-gb G] OVERRIDES  the per-GPU memory a configuration needs (omni_train/tools/plan.py)
+    omni-train pairs ...                    on-policy speech preference triplets (omni_train/tools/pairs.py)
+
+Owns the command table and how a training process ends: a user error is one line and exit 2; a lost peer is one
+line naming it (omni_train/train/liveness.py) and exit 3, after which a job with `launcher.max_restarts` resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+from omni_train.errors import ConfigError
+
+# What gloo and NCCL say when a peer process or node is gone or silent.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "NCCL communicator")
+
+
+def _lost_peer(error: Exception) -> bool:
+    import torch
+
+    return isinstance(error, torch.distributed.DistError) or any(s in str(error) for s in PEER_LOST)
+
+
+def _entry(dict_cfg) -> None:
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from omni_train.train.distributed import shutdown
+    from omni_train.train.loop import run
+
+    cfg = OmegaConf.to_object(dict_cfg)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        cfg.run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        run(cfg)
+        shutdown()
+    except ConfigError as e:  # Hydra would print a trace for an exception; a user error gets one line
+        print(f"omni-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (torch.distributed.DistError, RuntimeError) as e:
+        if not _lost_peer(e):
+            raise
+        # A peer died (connection closed) or stopped answering (the collective timeout): this rank names it (from
+        # the heartbeats) and stops too; with launcher.max_restarts the job restarts and resumes from the newest
+        # complete checkpoint.
+        from omni_train.train import liveness
+
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        print(f"omni-train: rank {rank} (host {socket.gethostname()}): lost contact with a peer in a collective "
+              f"({str(e).splitlines()[0][:200]}); {liveness.lost_peers(rank, world)}; stopping", file=sys.stderr)
+        liveness.stop()
+        sys.exit(3)
+
+
+def train(argv: list[str]) -> int:
+    """Hydra's own entry (its flags: --cfg, -m, --help, ...) with `argv` as the command line."""
+    import hydra
+
+    from omni_train.config.schema import register
+
+    register()
+    sys.argv = [sys.argv[0], *argv]
+    hydra.main(version_base=None, config_path="pkg://omni_train.conf", config_name="config")(_entry)()
+    return 0
+
+
+def _plan(argv: list[str]) -> int:
+    from omni_train.tools.plan import main
+
+    return main(argv)
+
+
+def _pairs(argv: list[str]) -> int:
+    from omni_train.tools.pairs import main
+
+    return main(argv)
+
+
+COMMANDS = {"train": (train, "train one stage (Hydra overrides); the default command"),
+            "plan": (_plan, "the per-GPU memory a configuration needs"),
+            "pairs": (_pairs, "on-policy speech preference triplets for talker_dpo")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="omni-train", description=__doc__.split("\n\n")[0],
+                                     epilog="Each command takes --help. Without a command, the arguments are "
+                                            "Hydra overrides for `train`.")
+    commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    for name, (_, text) in COMMANDS.items():
+        commands.add_parser(name, help=text, add_help=False)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["train", *argv]  # `omni-train stage=sft ...`: overrides, not a command
+    args, rest = parser.parse_known_args(argv[:1])
+    sys.exit(COMMANDS[args.command][0](argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""The training loop: one loop for every stage.
+
+Owns the order of a run, in parts that read top to bottom:
+- `preflight`: every check that needs no process group (config, the objective's recipe, `stage.trainable` against
+  the model's parameter names, the data's speech, the run directory); `omni-launch` calls it before it starts any
+  process, and every rank again at start;
+- `setup`: join the process group -> resume point -> tokenizer and data -> the recipe's module under its DeepSpeed
+  engine -> restore the checkpoint -> metrics;
+- `train_step`: one optimizer step, its loss normalised by the step's units (label tokens, codec targets or
+  triplets) summed over ranks and accumulation steps; tests and benchmarks call this same function;
+- `finish`: the export and `summary.json`.
+`run` strings them together, with checkpoints between steps. Stages differ in config and in their recipe
+(omni_train/train/recipes), never in a copy of this loop, and the loop has no branch on the objective.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from omni_train.config.schema import Config
+from omni_train.errors import ConfigError
+from omni_train.files import write_json_atomic, write_text_atomic
+from omni_train.train import checkpoint
+
+
+def preflight(cfg: Config):
+    """Check a composed config before any process group exists; returns the objective's recipe."""
+    from omni_train.config.validate import validate
+    from omni_train.data.loader import check_speech
+    from omni_train.train.engine import check_patterns
+    from omni_train.train.recipes import recipe
+
+    validate(cfg)
+    chosen = recipe(cfg.stage.objective)
+    chosen.check(cfg)
+    check_patterns(chosen.trainable_names(cfg), list(cfg.stage.trainable))
+    check_speech(cfg.data.sources, chosen.speech)
+    _resume_point(cfg)
+    return chosen
+
+
+def _resume_point(cfg: Config) -> Path | None:
+    if cfg.resume == "auto":
+        return checkpoint.latest(cfg.run_dir)
+    if cfg.resume != "none":
+        path = Path(cfg.resume)
+        if not (path / checkpoint.MARKER).is_file():
+            raise ConfigError(f"resume={path} is not a complete checkpoint (no {checkpoint.MARKER} marker)")
+        return path
+    if cfg.launcher.max_restarts == 0 and checkpoint.complete_checkpoints(cfg.run_dir):
+        raise ConfigError(f"run_dir={cfg.run_dir} already holds checkpoints: pass resume=auto to continue it, or "
+                          "choose another run_dir")
+    return None
+
+
+def _save_config(cfg: Config, run_dir: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    from omni_train.train.metrics import redact
+
+    plain = redact(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True))
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(plain)))
+    return plain
+
+
+def _quiet(rank: int) -> None:
+    """Keep the console to the progress bar and real problems: library chatter only at warning level and up."""
+    import logging
+    import warnings
+
+    import transformers
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    # torch.distributed renames its collectives; DeepSpeed still calls the old names on every step.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    if rank != 0:
+        warnings.filterwarnings("ignore")
+
+
+@dataclass
+class Step:
+    """One optimizer step, summed over ranks: mean loss per unit, the units, the objective's metrics
+    (`module.step_metrics`) and the caller's `extra` counts."""
+
+    loss: float
+    units: float
+    metrics: dict[str, float]
+    extra: list[float]
+
+
+def train_step(engine, module, batches: list[dict], world: int, counts_data: bool = True,
+               extra: list[float] = (), update: bool = True) -> Step:
+    """One optimizer step over this rank's micro-batches `batches` (DeepSpeed steps the optimizer after the last).
+    Collective: every rank calls it, with as many micro-batches as the engine's gradient accumulation.
+
+    Objectives return loss *sums*; the step's units (`module.units`) are all-reduced once, with `extra` counts riding
+    along, and each micro-batch's loss is scaled so that the gradient is (sum over all ranks and micro-batches) /
+    (units of the step): DeepSpeed's own division by accumulation steps and averaging over ranks are undone by the
+    factor world x accumulation. `counts_data=False` on the ranks of a sequence-parallel group but its first (they
+    read the same rows; their units and extras count once). `update=False` leaves the gradients in place instead of
+    stepping the optimizer, for a caller that inspects them (one micro-batch only)."""
+    if not update and len(batches) != 1:
+        raise ValueError("update=False takes exactly one micro-batch")
+    local = torch.tensor([sum(module.units(b) for b in batches), *extra], dtype=torch.float64) * counts_data
+    torch.distributed.all_reduce(local)
+    units = local[0].item()
+    scale = world * len(batches) / max(units, 1.0)
+    loss_sum = torch.zeros(1, dtype=torch.float64)
+    stats = None
+    for batch in batches:
+        loss, micro_stats = engine(**batch)
+        engine.backward(loss * scale)
+        if update:
+            engine.step()
+        loss_sum += loss.detach().double()
+        stats = micro_stats.flatten() if stats is None else stats + micro_stats.flatten()
+    reduced = torch.cat([loss_sum, stats])
+    torch.distributed.all_reduce(reduced)
+    return Step(reduced[0].item() / max(units, 1.0), units, module.step_metrics(reduced[1:]), local[1:].tolist())
+
+
+@dataclass
+class Run:
+    """A run once set up: what the steps and `finish` need."""
+
+    cfg: Config
+    rank: int
+    world: int
+    recipe: object
+    trainee: object
+    loader: object
+    tokenizer: object
+    metrics: object
+    timeouts: object
+    counts: dict[str, int]
+    local_params: list[int]
+    start_step: int
+    last_checkpoint: Path | None
+    counts_data: bool
+    losses: dict[int, float] = field(default_factory=dict)
+    history: dict[int, dict[str, float]] = field(default_factory=dict)
+    real_tokens: float = 0.0
+    capacity: float = 0.0
+    mixture: dict[str, float] = field(default_factory=dict)
+    corrupt_reported: int = 0
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+    @property
+    def sources(self) -> list[str]:
+        return [s.name for s in self.cfg.data.sources]
+
+
+def setup(cfg: Config) -> Run:
+    """Everything before the first step; every rank calls it."""
+    from omni_train.config.validate import check_world
+    from omni_train.data.loader import build_rank_loader
+    from omni_train.model.build import param_counts
+    from omni_train.model.kernels.attention import SequenceParallel
+    from omni_train.tokenizer import load_tokenizer
+    from omni_train.train.memory import warn_if_too_big
+    from omni_train.train.distributed import Timeouts, init_distributed
+    from omni_train.train.metrics import Metrics
+
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) or int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    if (restarted or cfg.launcher.max_restarts) and cfg.resume == "none":
+        # A job that may restart continues from its newest complete checkpoint, on every node alike (a replaced
+        # node's fresh agent counts no restart of its own), and starts from scratch when there is none.
+        cfg.resume = "auto"
+    recipe = preflight(cfg)
+    t = cfg.trainer
+    rank, world = init_distributed(t.startup_timeout_min)
+    timeouts = Timeouts(t.startup_timeout_min, t.dist_timeout_min)
+    _quiet(rank)
+    check_world(cfg, world)
+    sp = SequenceParallel(t.sequence_parallel) if t.sequence_parallel > 1 else None
+    # Ranks of a sequence-parallel group read the same rows; only the group's first rank counts data statistics.
+    dp_rank, dp_world = (sp.dp_rank, sp.dp_world) if sp else (rank, world)
+    torch.manual_seed(t.seed)
+    run_dir = Path(cfg.run_dir)
+    resume_from = _resume_point(cfg)
+    plain_config = {}
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_incomplete(cfg.run_dir)
+        plain_config = _save_config(cfg, run_dir)
+    torch.distributed.barrier()
+
+    tokenizer = load_tokenizer(cfg.model.path)
+    loader = build_rank_loader(cfg.data, tokenizer, dp_rank, dp_world, t.seed, rows=t.micro_batch_size,
+                               speech=recipe.speech)
+    trainee = recipe.build(cfg, world, sp)
+    counts = param_counts(trainee.module)
+    local_params = [None] * world
+    torch.distributed.all_gather_object(local_params, counts["local"])
+    start_step = 0
+    if resume_from is not None:
+        state = checkpoint.load(trainee.engine, resume_from)
+        start_step = state["step"]
+        loader.load_state_dict(state["loader"])
+    metrics = Metrics(cfg.logging, cfg.run_dir, rank, t.max_steps, start_step, plain_config)
+    warn_if_too_big(cfg, metrics.warn)
+    metrics.info(f"stage {cfg.stage.name}: {counts['trainable']:,} of {counts['total']:,} parameters train; "
+                 f"{world} ranks, sequence parallel {t.sequence_parallel}, rows of {cfg.data.max_len} tokens")
+    return Run(cfg, rank, world, recipe, trainee, loader, tokenizer, metrics, timeouts, counts, local_params,
+               start_step, resume_from, counts_data=sp is None or sp.rank == 0,
+               mixture=dict.fromkeys([s.name for s in cfg.data.sources], 0.0))
+
+
+def _shares(counts: dict[str, float]) -> dict[str, float]:
+    """Each source's share of the samples delivered so far (the realised mixture)."""
+    total = max(1.0, sum(counts.values()))
+    return {name: n / total for name, n in counts.items()}
+
+
+def _step(run: Run, step: int, micro: list) -> None:
+    """One step of the run: `train_step` with the loader's counts riding along in its all-reduce, then metrics."""
+    from omni_train.train.metrics import peak_memory_gb
+
+    t, names = run.cfg.trainer, run.sources
+    started = time.perf_counter()
+    skipped = micro[-1].state.skipped
+    extra = ([sum(mb.real_tokens for mb in micro), sum(mb.capacity for mb in micro)]
+             + [sum(mb.sources.get(name, 0) for mb in micro) for name in names]
+             + [sum(n for k, n in skipped.items() if k.startswith(f"{name}: ")) for name in names])
+    lr = run.trainee.scheduler.get_last_lr()[0]
+    done = train_step(run.trainee.engine, run.trainee.module, [mb.batch for mb in micro], run.world,
+                      run.counts_data, extra)
+    tokens, capacity = done.extra[:2]
+    delivered = done.extra[2:2 + len(names)]
+    corrupt = dict(zip(names, map(int, done.extra[2 + len(names):])))
+    if sum(corrupt.values()) > run.corrupt_reported:
+        run.metrics.warn(f"corrupt samples set aside so far, by source: {corrupt} (reasons by rank in the "
+                         "checkpoint's loader state)")
+    run.corrupt_reported = sum(corrupt.values())
+    run.real_tokens, run.capacity = run.real_tokens + tokens, run.capacity + capacity
+    for name, n in zip(names, delivered):
+        run.mixture[name] += n
+    run.losses[step], run.history[step] = done.loss, done.metrics
+    peak = torch.tensor([peak_memory_gb()])
+    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    elapsed = time.perf_counter() - started
+    grad_norm = run.trainee.engine.get_global_grad_norm()
+    run.metrics.log({
+        "step": step, "loss": done.loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        run.trainee.module.units_name: int(done.units), "tokens": int(tokens), "tokens_per_s": tokens / elapsed,
+        "step_time_s": elapsed, "packing_efficiency": tokens / capacity, "peak_mem_gb": peak.item(),
+        "epoch": max(e for mb in micro for e in mb.epochs),
+        **done.metrics,
+        **{f"corrupt/{name}": n for name, n in corrupt.items()},
+        **{f"mixture/{name}": share for name, share in _shares(run.mixture).items()},
+    })
+
+
+def finish(run: Run) -> dict:
+    """The export (when configured) and the stage summary, written by rank 0; returned on every rank."""
+    cfg, t = run.cfg, run.cfg.trainer
+    if t.export:
+        with run.timeouts.unequal_work():
+            run.trainee.export(run.run_dir / "export", run.tokenizer)
+    summary = {
+        "steps": t.max_steps,
+        "resumed_from_step": run.start_step,
+        "first_loss": run.losses.get(1),
+        "last_loss": run.losses.get(t.max_steps),
+        "trainable_params": run.counts["trainable"],
+        "total_params": run.counts["total"],
+        "world_size": run.world,
+        "sequence_parallel": t.sequence_parallel,
+        "local_params_per_rank": run.local_params,
+        "packing_efficiency": run.real_tokens / run.capacity if run.capacity else None,
+        "mixture": _shares(run.mixture),
+        "objective": str(cfg.stage.objective),
+        **run.recipe.summary(run.history, run.start_step + 1, t.max_steps),
+        "checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None,
+        "export": str(run.run_dir / "export") if t.export else None,
+    }
+    if run.rank == 0:
+        write_json_atomic(run.run_dir / "summary.json", summary)
+    torch.distributed.barrier()
+    return summary
+
+
+def run(cfg: Config) -> dict:
+    """Train one stage as configured; every rank calls it. Returns the stage summary (on every rank)."""
+    r = setup(cfg)
+    t = cfg.trainer
+    batches = iter(r.loader)
+    r.trainee.engine.train()
+    for step in range(r.start_step + 1, t.max_steps + 1):
+        _step(r, step, [next(batches) for _ in range(t.grad_accum)])
+        if step == r.start_step + 1:
+            r.timeouts.steps()  # the first step's lazy allocations are behind: a silent peer is a lost one now
+        if step % t.save_every == 0 or step == t.max_steps:
+            with r.timeouts.unequal_work():
+                r.last_checkpoint = checkpoint.save(r.trainee.engine, cfg.run_dir, step, r.loader.state_dict(),
+                                                    t.keep_last)
+    batches.close()  # stop the decoding workers now rather than at garbage collection
+    r.metrics.close()
+    return finish(r)

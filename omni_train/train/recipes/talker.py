@@ -1,0 +1,82 @@
+"""The Talker recipes: `talker_sft` (next codec token) and `talker_dpo` (DPO on speech triplets), both on the frozen
+Thinker's states (omni_train.model.talker.TalkerLM). The Talker alone trains; for DPO with `talker.reference=model`
+a frozen copy of the starting Talker scores the reference (ZeRO-3-partitioned like the rest), with `precomputed`
+the shards carry its log-probs. Exports the full model (Thinker, Talker, Token2Wav, spk_dict.pt) that
+`Qwen2_5OmniForConditionalGeneration.from_pretrained` loads."""
+
+from __future__ import annotations
+
+from omni_train.config.schema import Attention, Config, Objective, Reference
+from omni_train.data.loader import Speech
+from omni_train.errors import ConfigError
+from omni_train.train.recipes import Trainee
+
+
+class TalkerRecipe:
+    def __init__(self, objective: Objective):
+        self.objective = objective
+        self.speech = Speech.chosen if objective == Objective.talker_sft else Speech.pair
+
+    def check(self, cfg: Config) -> None:
+        t, talker = cfg.trainer, cfg.talker
+        for ok, message in (
+            (t.sequence_parallel == 1, f"trainer.sequence_parallel={t.sequence_parallel}: the Talker stages run "
+                                       "without sequence parallelism (their sequences are short); set it to 1"),
+            (talker.beta > 0, f"talker.beta={talker.beta} must be positive"),
+            (talker.sft_weight >= 0, f"talker.sft_weight={talker.sft_weight} must be >= 0"),
+        ):
+            if not ok:
+                raise ConfigError(message)
+
+    def trainable_names(self, cfg: Config) -> list[str]:
+        from omni_train.model.build import parameter_names
+
+        return parameter_names(cfg.model, talker=True)
+
+    def build(self, cfg: Config, world: int, sp=None) -> Trainee:
+        from omni_train.model.build import build_talker, build_thinker, build_token2wav, load_speakers, omni_config
+        from omni_train.model.kernels import activations
+        from omni_train.model.kernels.attention import use_packed_attention
+        from omni_train.model.talker import TalkerLM
+        from omni_train.train.engine import deepspeed_config, freeze, initialize
+        from omni_train.train.export import export_omni
+
+        # Token2Wav first, before any ZeRO-3 construction: once DeepSpeed's zero.Init has run in this process, it may
+        # still partition parameters created later (Token2Wav is not trained and must stay whole for the export).
+        token2wav = build_token2wav(cfg.model) if cfg.trainer.export else None
+        ds_config = deepspeed_config(cfg, world)
+        thinker = build_thinker(cfg.model, ds_config)
+        talker, loaded = build_talker(cfg.model, ds_config)
+        if self.objective == Objective.talker_dpo and not loaded:
+            raise ConfigError(f"talker_dpo starts from a trained Talker, but model.path={cfg.model.path} holds none: "
+                              "point it at a talker_sft export (or a released Qwen2.5-Omni checkpoint)")
+        reference = None
+        if self.objective == Objective.talker_dpo and cfg.talker.reference == Reference.model:
+            reference, _ = build_talker(cfg.model, ds_config)
+        activations.checkpointing(talker, cfg.trainer)  # the Thinker runs without gradient: nothing to keep
+        if cfg.model.attn_implementation == Attention.sdpa:
+            for model in (thinker.model.language_model, talker.model, *([reference.model] if reference else [])):
+                use_packed_attention(model)
+        voices = load_speakers(cfg.model, cfg.talker.speaker)
+        speakers = {name: int(entry["bos_token"]) for name, entry in voices.items()}
+        module = TalkerLM(thinker, talker, self.objective, speakers, cfg.talker.speaker, reference, cfg.talker.beta,
+                          cfg.talker.sft_weight, cfg.trainer.logits_chunk)
+        freeze(module, list(cfg.stage.trainable))
+        stray = [n for n, p in module.named_parameters() if p.requires_grad and not n.startswith("talker.")]
+        if stray:
+            raise ConfigError(f"a Talker stage trains the Talker only; stage.trainable also matches {stray[:3]}...: "
+                              "use stage.trainable=[talker] (or patterns under talker.)")
+        engine, _, scheduler = initialize(cfg, module, ds_config)
+
+        def export(out_dir, tokenizer) -> None:
+            # the whole spk_dict (Token2Wav's conditioning too) goes with the model
+            export_omni(module.thinker, module.talker, token2wav, omni_config(cfg.model), voices, out_dir, tokenizer)
+
+        return Trainee(engine, module, scheduler, export)
+
+    def summary(self, history: dict[int, dict], first: int, last: int) -> dict:
+        if self.objective != Objective.talker_dpo or first not in history or last not in history:
+            return {}
+        return {"first_reward_accuracy": history[first].get("dpo/reward_accuracy"),
+                "last_reward_accuracy": history[last].get("dpo/reward_accuracy"),
+                "last_margin": history[last].get("dpo/margin")}

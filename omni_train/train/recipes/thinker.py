@@ -1,0 +1,50 @@
+"""The Thinker recipe: next-token cross-entropy on the Thinker (stages 1-3 and SFT; `stage.trainable` says which
+parts train), with sequence parallelism, activation checkpointing and MLP tiling as configured; exports the Thinker
+in the hub layout (`Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained` loads it)."""
+
+from __future__ import annotations
+
+from omni_train.config.schema import Attention, Config
+from omni_train.data.loader import Speech
+from omni_train.train.recipes import Trainee
+
+
+class ThinkerRecipe:
+    speech = Speech.none
+
+    def check(self, cfg: Config) -> None:
+        """Nothing beyond omni_train.config.validate."""
+
+    def trainable_names(self, cfg: Config) -> list[str]:
+        from omni_train.model.build import parameter_names
+
+        return parameter_names(cfg.model, talker=False)
+
+    def build(self, cfg: Config, world: int, sp=None) -> Trainee:
+        """`sp`: the run's SequenceParallel (omni_train.model.kernels.attention), or None."""
+        from omni_train.model.build import build_thinker
+        from omni_train.model.keymap import hub_name
+        from omni_train.model.kernels import activations
+        from omni_train.model.kernels.attention import use_packed_attention
+        from omni_train.model.thinker import ThinkerLM
+        from omni_train.train.engine import deepspeed_config, freeze, initialize
+        from omni_train.train.export import export_pretrained
+
+        ds_config = deepspeed_config(cfg, world)
+        thinker = build_thinker(cfg.model, ds_config)
+        activations.apply(thinker, cfg.trainer)
+        if sp is not None:
+            sp.attach(thinker.model.language_model, cfg.trainer.micro_batch_size, str(cfg.model.attn_implementation))
+        elif cfg.model.attn_implementation == Attention.sdpa:
+            use_packed_attention(thinker.model.language_model)
+        module = ThinkerLM(thinker, sp, cfg.trainer.logits_chunk)
+        freeze(module, list(cfg.stage.trainable))
+        engine, _, scheduler = initialize(cfg, module, ds_config)
+
+        def export(out_dir, tokenizer) -> None:
+            export_pretrained(module.thinker, out_dir, tokenizer, rename=hub_name)
+
+        return Trainee(engine, module, scheduler, export)
+
+    def summary(self, history: dict[int, dict], first: int, last: int) -> dict:
+        return {}
