@@ -4,7 +4,7 @@
 
 Two length distributions: the sample corpus's real sample lengths (from its shards; built on the spot when no
 --shards is given), and a synthetic mixture shaped like the paper's stage-2 data (image-text, video, audio,
-video-with-audio, text; lognormal lengths per kind). Packing: `omni_train.batch.best_fit` over shuffle windows of
+video-with-audio, text; lognormal lengths per kind). Packing: `omni_train.data.batch.best_fit` over shuffle windows of
 `--window` samples, as the loader does. Baseline: the same samples in micro-batches of 8, each padded to its
 longest sample (what a padded, unpacked trainer computes on).
 """

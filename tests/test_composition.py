@@ -1,5 +1,5 @@
 """Stage-1 initialisation by composition: a Qwen2.5 LLM, a Whisper encoder and a Qwen2.5-VL vision tower (tiny,
-random, written locally by transformers' own classes) become the Thinker by the mapping in omni_train/keymap.py,
+random, written locally by transformers' own classes) become the Thinker by the mapping in omni_train/model/keymap.py,
 checked against the source models' own forwards and by hand-picked keys; bad sources fail with lists; under ZeRO-3
 stage 1 starts from the composition and leaves the LLM bit-identical to the Qwen2.5 checkpoint."""
 

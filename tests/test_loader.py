@@ -12,11 +12,10 @@ import torch
 
 from data_prep.build import build
 from data_prep.config import from_overrides
-from omni_train.errors import ConfigError
 from omni_train.data.loader import LoaderState, RankLoader, ShardSet, SlotStream
+from omni_train.errors import ConfigError
 from omni_train.tokenizer import load_tokenizer
-
-PAD = 151643
+from omni_train.tokens import PAD
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +218,34 @@ def test_sample_with_undecodable_media_is_dropped_from_its_row_and_counted(sampl
     # Counted each time it comes round (the first epoch, and the start of the next that the reader reached).
     assert states[-1].skipped.get("c: undecodable sample", 0) >= 1 and set(states[-1].skipped) == {
         "c: undecodable sample"}
+
+
+def test_a_programming_error_in_media_decoding_stops_the_stream_with_its_trace(sample_shards, monkeypatch):
+    """A bug (here a NameError inside the log-mel) is not bad data: it propagates with its own trace instead of
+    setting every audio sample aside and training on text with a warning per step."""
+    import omni_train.data.batch as batch
+
+    def broken_log_mel(wave):
+        return undefined_name  # noqa: F821 - the bug under test
+
+    monkeypatch.setattr(batch, "log_mel", broken_log_mel)
+    stream = SlotStream([ShardSet.open("corpus", str(sample_shards), 1.0)], 0, 1, 0, 2048, 2, 64, PAD)
+    with pytest.raises(NameError, match="undefined_name") as caught:
+        for _ in zip(range(50), stream):
+            pass
+    assert caught.traceback[-1].name == "broken_log_mel"
+
+
+def test_media_failures_in_a_row_count_toward_max_bad_samples(sample_shards, monkeypatch):
+    """Media that fail one after another (here every sample's decode) stop the run like any other run of bad
+    samples, instead of being counted one at a time for ever."""
+    import omni_train.data.loader as loader
+
+    def undecodable(raw):
+        raise ValueError("broken media")
+
+    monkeypatch.setattr(loader, "decode_sample", undecodable)
+    stream = SlotStream([ShardSet.open("corpus", str(sample_shards), 1.0)], 0, 1, 0, 2048, 2, 64, PAD,
+                        max_bad_samples=7)
+    with pytest.raises(ConfigError, match="8 corrupt samples in a row in source corpus .last: broken media"):
+        next(iter(stream))

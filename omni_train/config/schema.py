@@ -96,7 +96,7 @@ class ModelConfig:
     preset: str = MISSING
     # A local Hugging Face checkpoint directory; None initialises the preset randomly (or composes, below).
     path: Optional[str] = None
-    # Stage-1 initialisation by composition (omni_train/keymap.py lists the key mapping); exclusive with `path`.
+    # Stage-1 initialisation by composition (omni_train/model/keymap.py lists the key mapping); exclusive with `path`.
     compose: ComposeConfig = field(default_factory=ComposeConfig)
     dtype: DType = DType.float32
     attn_implementation: Attention = Attention.sdpa
@@ -141,13 +141,13 @@ class TrainerConfig:
     # DeepSpeed checkpoint), the first step, checkpoint saves and the export (rank 0 writes, the others wait).
     startup_timeout_min: float = 60.0
     # Ranks that share one packed row, each holding 1/N of its tokens (Ulysses; 1 = off). It must divide the
-    # world size and data.pad_to_multiple_of, and split the attention heads (see omni_train/attention.py).
+    # world size and data.pad_to_multiple_of, and split the attention heads (see omni_train/model/kernels/attention.py).
     sequence_parallel: int = 1
-    # Labelled tokens per tile of the fused LM head + cross-entropy (omni_train/head_loss.py); 0 forms all their
+    # Labelled tokens per tile of the fused LM head + cross-entropy (omni_train/model/kernels/head_loss.py); 0 forms all their
     # logits at once (the plain path); the Talker's codec head likewise. Same loss and gradients either way. A tile
     # holds ~12 x 152k bytes per token at its peak (1024: 1.7 GiB).
     logits_chunk: int = 1024
-    # Activation checkpointing (omni_train/activations.py): none | selective (every `checkpoint_every`-th layer) |
+    # Activation checkpointing (omni_train/model/kernels/activations.py): none | selective (every `checkpoint_every`-th layer) |
     # full (every layer); `offload_activations` keeps the checkpointed inputs in host memory.
     checkpointing: Checkpointing = Checkpointing.none
     checkpoint_every: int = 2

@@ -11,7 +11,7 @@ Checkpoint layouts accepted by `model.path`:
 - a Thinker-only checkpoint (config `model_type: qwen2_5_omni_thinker`): this framework's exports, or a Thinker
   saved by transformers.
 `model.compose` instead builds the Thinker from a Qwen2.5 LLM, a Whisper encoder and a Qwen2.5-VL vision tower (the
-paper's stage-1 initialisation). The key mappings of both are written down in omni_train/keymap.py.
+paper's stage-1 initialisation). The key mappings of both are written down in omni_train/model/keymap.py.
 """
 
 from __future__ import annotations

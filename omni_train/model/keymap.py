@@ -23,7 +23,7 @@ names: `model.language_model.*`, `model.audio_tower.*`, `model.visual.*`, `lm_he
   The new adapters start fresh (`FRESH`): the audio projection `model.audio_tower.proj`, the audio begin/end
   embedding `model.audio_tower.audio_bos_eos_token` and the vision merger `model.visual.merger` (Qwen2.5-VL's merger
   projects into Qwen2.5-VL's LLM, not this one). A key no rule covers is "unexpected", a Thinker parameter nothing
-  maps to (and not fresh) is "missing"; either fails the load with the lists (omni_train.model.load_weights).
+  maps to (and not fresh) is "missing"; either fails the load with the lists (omni_train.model.build.load_weights).
 """
 
 from __future__ import annotations

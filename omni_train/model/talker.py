@@ -203,7 +203,7 @@ class TalkerLM(nn.Module):
         return hidden, embeds, specials[0], specials[1], specials[2:], samples
 
     def prompts(self, batch: dict) -> tuple[list[tuple], torch.Tensor]:
-        """Per sample, what the Talker reads before its first code (omni_train.talker.talker_prompt), and the
+        """Per sample, what the Talker reads before its first code (omni_train.model.talker.talker_prompt), and the
         tts_text_pad embedding; for sampling codes (omni_train.tools.pairs)."""
         hidden, embeds, eos_embed, pad_embed, bos_embeds, samples = self._thinker_side(batch)
         labels, positions = batch["labels"], batch["position_ids"]

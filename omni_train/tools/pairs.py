@@ -173,7 +173,7 @@ def _absolute_media(messages: list[dict], base: Path) -> list[dict]:
 
 def sample_codes(talker, prompt, pad_embed: torch.Tensor, k: int, max_codes: int, top_k: int, top_p: float,
                  temperature: float, ids) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """K codec sequences from `talker` after `prompt` (omni_train.talker.talker_prompt), each up to its first
+    """K codec sequences from `talker` after `prompt` (omni_train.model.talker.talker_prompt), each up to its first
     eos/pad code (exclusive), sampled with a KV cache in the training layout; and the raw logits of every step
     (K, steps, vocabulary), which equal the teacher-forced training forward's on the same codes (a test)."""
     from transformers import DynamicCache

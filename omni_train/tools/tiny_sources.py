@@ -1,6 +1,6 @@
 """Tiny random stand-ins for the three models the paper composes the Thinker from (Qwen2.5, Whisper-large-v3,
 Qwen2.5-VL), shaped like a preset's Thinker parts and written by transformers' own classes, so the composition
-path (omni_train/keymap.py) runs offline in the demo and the tests. Real runs point model.compose at the released
+path (omni_train/model/keymap.py) runs offline in the demo and the tests. Real runs point model.compose at the released
 checkpoints instead."""
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def _state_dict_stream(model: nn.Module):
 def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, rename=None, config=None,
                       architecture: str | None = None, extra: dict[str, object] | None = None) -> Path | None:
     """Write `model` (a transformers PreTrainedModel, possibly ZeRO-3 partitioned) to `out_dir`, each tensor under
-    `rename(name)` (the checkpoint layout, e.g. omni_train.keymap.hub_name for the Thinker; default: as named).
+    `rename(name)` (the checkpoint layout, e.g. omni_train.model.keymap.hub_name for the Thinker; default: as named).
     `config` (default `model.config`) and `architecture` (default the model's class name) go to config.json;
     `extra` maps file names to objects saved beside the weights with torch.save (e.g. spk_dict.pt).
 

@@ -110,3 +110,17 @@ def test_talker_dpo_bf16_on_gpu_starts_at_ln2(sample_corpus, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     first = json.loads((dpo / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(first["dpo/loss"] - math.log(2.0)) < 1e-3  # bf16 log-probs of policy and reference are identical
+
+
+def test_the_run_state_restores_the_cuda_generator():
+    """Dropout and sampling on the GPU draw from the CUDA generator: a resumed run continues its stream."""
+    from omni_train.train.checkpoint import restore_rng, rng_state
+
+    torch.cuda.manual_seed(11)
+    saved = json.loads(json.dumps(rng_state()))
+    assert "cuda_rng" in saved
+    expected = torch.rand(4, device="cuda").tolist()
+    torch.cuda.manual_seed(12)
+    assert torch.rand(4, device="cuda").tolist() != expected
+    restore_rng(saved)
+    assert torch.rand(4, device="cuda").tolist() == expected

@@ -9,7 +9,7 @@ from __future__ import annotations
 from omni_train.config.schema import Attention, Config, Objective, Reference
 from omni_train.data.loader import Speech
 from omni_train.errors import ConfigError
-from omni_train.train.recipes import Trainee
+from omni_train.train.recipes.base import Trainee
 
 
 class TalkerRecipe:

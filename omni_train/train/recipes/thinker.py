@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from omni_train.config.schema import Attention, Config
 from omni_train.data.loader import Speech
-from omni_train.train.recipes import Trainee
+from omni_train.train.recipes.base import Trainee
 
 
 class ThinkerRecipe:
