@@ -91,7 +91,7 @@ def test_tile_count_splits_sequence_and_flattened_batch_exactly(length, rows, ch
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["trainer.checkpointing=some"], "trainer.checkpointing=some is not one of none, selective, full"),
+    (["trainer.checkpointing=some"], r"trainer.checkpointing=some \(Invalid value 'some', expected one of \[none, selective, full\]"),
     (["trainer.offload_activations=true"], "offload_activations=true needs trainer.checkpointing"),
     (["trainer.checkpointing=selective", "trainer.checkpoint_every=1"], "checkpoint_every=1 must be >= 2"),
 ])
