@@ -44,6 +44,21 @@ def sample_shards(sample_corpus, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> Path:
+    """A randomly initialised tiny Thinker (seed 0), exported as training exports it."""
+    import torch
+
+    from omni_train.model.build import build_thinker
+    from omni_train.model.keymap import hub_name
+    from omni_train.train.export import export_pretrained
+    from tests.helpers.models import tiny_model_config
+
+    torch.manual_seed(0)
+    thinker = build_thinker(tiny_model_config(), None)
+    return export_pretrained(thinker, tmp_path_factory.mktemp("tiny") / "model", rename=hub_name)
+
+
 def data_args(shards: Path, workers: int = 0) -> list[str]:
     """Overrides that train on one shard directory, decoding in the training process unless told otherwise."""
     return [f"data.sources=[{{name:data,path:{shards}}}]", "data.max_len=256", "data.chunk_samples=32",

@@ -19,18 +19,6 @@ from omni_train.errors import ConfigError
 from tests.conftest import REPO
 
 
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
-    from omni_train.train.export import export_pretrained
-    from omni_train.model.keymap import hub_name
-    from omni_train.model.build import build_thinker
-
-    preset = OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")
-    torch.manual_seed(0)
-    thinker = build_thinker(ModelConfig(preset="tiny", hf_config=OmegaConf.to_container(preset.hf_config)), None)
-    return export_pretrained(thinker, tmp_path_factory.mktemp("sp") / "model", rename=hub_name)
-
-
 def _step(model, shards, out, sp: int, control: bool = False, kinds: str | None = None, rows: int = 2,
           overrides: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={sp}",

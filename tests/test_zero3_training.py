@@ -20,15 +20,21 @@ STEPS = 30
 
 
 def _args(run_dir: Path, shards: Path, *extra: str) -> list[str]:
+    # Held out: the same shards, two micro-batches per rank, every 5 steps; the best checkpoint is kept.
     return [f"run_dir={run_dir}", *data_args(shards), f"trainer.max_steps={STEPS}", "trainer.save_every=10",
-            "trainer.keep_last=3", "trainer.lr=3e-3", *extra]
+            "trainer.keep_last=1", "trainer.lr=3e-3", f"eval.sources=[{{name:held,path:{shards}}}]",
+            "eval.max_batches=2", "trainer.eval_every=5", "trainer.keep_best=true", *extra]
+
+
+def _records(run_dir: Path, key: str) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if key in r]
+    assert len(steps) == len(set(steps)), f"a step's {key} is logged twice: {steps}"
+    return {r["step"]: r[key] for r in records if key in r}
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records]
-    assert len(steps) == len(set(steps)), f"a step is logged twice: {steps}"
-    return {r["step"]: r["loss"] for r in records}
+    return _records(run_dir, "loss")
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +113,16 @@ def test_killed_run_resumes_with_the_same_losses(reference, text_shards, tmp_pat
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-6), step
+    # Evaluations and the best checkpoint's bookkeeping survive the kill too.
+    resumed_evals, evals = _records(run_dir, "eval/loss"), _records(reference, "eval/loss")
+    assert sorted(evals) == [0, 5, 10, 15, 20, 25, 30] and sorted(resumed_evals) == sorted(evals)
+    for step, value in evals.items():
+        assert resumed_evals[step] == pytest.approx(value, rel=1e-6), step
+    best = json.loads((reference / "checkpoints" / "best.json").read_text())
+    assert best == json.loads((run_dir / "checkpoints" / "best.json").read_text())
+    assert best["eval_loss"] == min(v for s, v in evals.items() if s > 0) and evals[best["step"]] == best["eval_loss"]
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert kept == sorted({f"step_{best['step']:08d}", f"step_{STEPS:08d}"}), kept  # keep_last=1 and the best
 
 
 def test_fresh_start_in_a_run_dir_with_checkpoints_is_refused(reference, text_shards):

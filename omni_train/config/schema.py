@@ -154,6 +154,12 @@ class TrainerConfig:
     offload_activations: bool = False
     # Tokens per tile of the language model's MLPs (DeepSpeed's TiledMLP); 0 runs them whole.
     mlp_chunk: int = 0
+    # Steps between evaluations on eval.sources (0: none). With evaluations, the model is also evaluated before
+    # its first step and after its last (omni_train/train/evaluate.py).
+    eval_every: int = 0
+    # Keep the checkpoint with the best eval/loss beside the keep_last newest: every evaluation that improves on
+    # the best saves a checkpoint; RUN_DIR/checkpoints/best.json names it. Needs eval_every.
+    keep_best: bool = False
 
 
 @dataclass
@@ -183,6 +189,18 @@ class DataConfig:
     # False: each epoch a permutation of the shards (every sample once per epoch per slot); True: shards drawn
     # with replacement (resampled, for mixtures whose sources should not run in lockstep with their sizes).
     resample: bool = False
+
+
+@dataclass
+class EvalConfig:
+    # Held-out shard sets (omni-prep build outputs), named like data.sources (weights unused): each evaluated whole
+    # at every evaluation, every sample once across ranks, in shard order, packed into rows of data.max_len.
+    sources: list[SourceConfig] = field(default_factory=list)
+    # Micro-batches per rank and source at most (0: every sample). With a cap, which samples are evaluated depends
+    # on the number of ranks.
+    max_batches: int = 0
+    # Decoding worker processes for evaluation (0: decode in the training process).
+    workers: int = 0
 
 
 @dataclass
@@ -267,6 +285,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     talker: TalkerConfig = field(default_factory=TalkerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run_dir: str = "outputs/${stage.name}"
     # none: start fresh (refused if run_dir has checkpoints); auto: newest complete checkpoint in run_dir.
     resume: str = "none"

@@ -61,14 +61,12 @@ def validate(cfg: Config) -> None:
         f"data.max_len={d.max_len} must be a positive multiple of data.pad_to_multiple_of={d.pad_to_multiple_of}",
     )
     _check(len(d.sources) > 0, "data.sources is empty: name at least one shard directory (omni-prep build output)")
-    names = [s.name for s in d.sources]
-    _check(len(set(names)) == len(names), f"data.sources names repeat: {names}")
+    _check_sources("data", d.sources)
     for s in d.sources:
-        _check(os.path.exists(s.path) or any(c in s.path for c in "*?{:"),
-               f"data source {s.name}: {s.path} does not exist: build it with `omni-prep build SOURCE {s.path}`")
         _check(s.weight > 0, f"data source {s.name}: weight={s.weight} must be positive")
     _check(d.chunk_samples > 0 and d.workers >= 0 and d.max_bad_samples >= 0,
            "data.chunk_samples must be positive; data.workers and data.max_bad_samples non-negative")
+    _check_eval(cfg)
     _check(ds.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={ds.zero_stage} must be 0, 1, 2 or 3")
     _check(
         ds.offload_param == "none" or ds.zero_stage == 3, "deepspeed.offload_param needs deepspeed.zero_stage=3"
@@ -82,6 +80,26 @@ def validate(cfg: Config) -> None:
     _check_launcher(cfg.launcher)
     _check(len(cfg.stage.trainable) > 0, "stage.trainable is empty: list the parameter patterns that train")
     _check_sequence_parallel(cfg, cfg.launcher.nproc_per_node * cfg.launcher.nodes)
+
+
+def _check_sources(group: str, sources) -> None:
+    """`data.sources` or `eval.sources`: unique names, paths that exist (or patterns and URLs)."""
+    names = [s.name for s in sources]
+    _check(len(set(names)) == len(names), f"{group}.sources names repeat: {names}")
+    for s in sources:
+        _check(os.path.exists(s.path) or any(c in s.path for c in "*?{:"),
+               f"{group} source {s.name}: {s.path} does not exist: build it with `omni-prep build SOURCE {s.path}`")
+
+
+def _check_eval(cfg: Config) -> None:
+    t, e = cfg.trainer, cfg.eval
+    _check(t.eval_every >= 0 and e.max_batches >= 0 and e.workers >= 0,
+           "trainer.eval_every, eval.max_batches and eval.workers must be non-negative")
+    _check(t.eval_every == 0 or len(e.sources) > 0,
+           f"trainer.eval_every={t.eval_every} but eval.sources is empty: name held-out shard sets "
+           "('eval.sources=[{name:held,path:DIR}]') or set trainer.eval_every=0")
+    _check(not t.keep_best or t.eval_every > 0, "trainer.keep_best=true needs evaluations: set trainer.eval_every")
+    _check_sources("eval", e.sources)
 
 
 def _check_launcher(la: LauncherConfig) -> None:

@@ -121,10 +121,21 @@ class Speech(enum.StrEnum):
 
 
 def _check_speech(sample, need: Speech) -> None:
-    if need != Speech.none and sample.speech is None:
-        raise _SetAside("no speech codes (a Talker stage needs them)", f"sample {sample.id} has no speech")
-    if need == Speech.pair and sample.speech.rejected is None:
-        raise _SetAside("no rejected codes (talker_dpo needs triplets)", f"sample {sample.id} has no rejected codes")
+    """A decoded sample (batch.ModelSample) holds the speech the stage needs, or is set aside with the reason."""
+    _speech_needed(sample.id, sample.speech is not None, sample.speech is not None and sample.speech.rejected is not
+                   None, need)
+
+
+def check_speech_members(raw: dict, need: Speech) -> None:
+    """The same check on a shard sample's members, before its media are decoded."""
+    _speech_needed(raw.get("__key__", "?"), "speech.chosen.npy" in raw, "speech.rejected.npy" in raw, need)
+
+
+def _speech_needed(sample_id: str, chosen: bool, rejected: bool, need: Speech) -> None:
+    if need != Speech.none and not chosen:
+        raise _SetAside("no speech codes (a Talker stage needs them)", f"sample {sample_id} has no speech")
+    if need == Speech.pair and not rejected:
+        raise _SetAside("no rejected codes (talker_dpo needs triplets)", f"sample {sample_id} has no rejected codes")
 
 
 @dataclass

@@ -8,7 +8,10 @@ stage 1 (composed Thinker, LLM frozen) -> stage 2 (everything) -> stage 3 (32k r
 sequence parallelism) -> Thinker SFT -> Talker SFT (codec continuation on the frozen Thinker) -> Talker DPO (speech
 triplets), each stage starting from the previous stage's export, all under ZeRO-3; the last export is a full
 Qwen2.5-Omni (Thinker, Talker, Token2Wav, spk_dict.pt) that transformers' `Qwen2_5OmniForConditionalGeneration`
-loads.
+loads. Every 8th conversation of each manifest is held out: every stage is evaluated on its held-out share before
+its first step, every few steps and after its last (`eval_loss` first and last in each stage's summary); the final
+model speaks the held-out triplets' replies and a recogniser scores them (`speech` in the summary: word error rate
+and pause penalty); `outputs/demo/report/` holds the curves of all stages (`omni-train report`).
 """
 
 from __future__ import annotations
@@ -20,27 +23,45 @@ from pathlib import Path
 
 from launch.cli import launch
 from omni_train.config.compose import compose
-from omni_train.files import write_json_atomic
+from omni_train.files import write_json_atomic, write_text_atomic
+from omni_train.tools.report import write as report
+from omni_train.tools.speech import speech_task
 from omni_train.tools.tiny_sources import write_tiny_sources
 
 # conf/data/sample.yaml names both sources (weight 1 each); stages 1 and 2 choose their own mixture.
 MEDIA = "{name:media,path:outputs/demo/shards/media,weight:%s}"
 TEXT = "{name:text,path:outputs/demo/shards/text,weight:%s}"
 TRIPLETS = "[{name:triplets,path:outputs/demo/shards/triplets}]"
+HELD_OUT = 8  # every 8th conversation of each manifest is held out for evaluation
+EVAL_THINKER = "eval.sources=[{name:media,path:outputs/demo/heldout/media},{name:text,path:outputs/demo/heldout/text}]"
+EVAL_TALKER = "eval.sources=[{name:triplets,path:outputs/demo/heldout/triplets}]"
 STAGES = [
     # (stage preset, overrides of its own); each stage after the first starts from the previous stage's export.
     # Stage 1 sees audio-text and image-text data only, as in the paper; later stages mix in text.
-    ("stage1_align", ["trainer.max_steps=20", "trainer.lr=1e-2", "data.max_len=2048", f"data.sources=[{MEDIA % 1}]"]),
+    ("stage1_align", ["trainer.max_steps=20", "trainer.lr=1e-2", "data.max_len=2048", f"data.sources=[{MEDIA % 1}]",
+                      EVAL_THINKER, "trainer.eval_every=5"]),
     ("stage2_multimodal", ["trainer.max_steps=20", "trainer.lr=3e-3", "data.max_len=2048",
-                           f"data.sources=[{MEDIA % 2},{TEXT % 1}]"]),
+                           f"data.sources=[{MEDIA % 2},{TEXT % 1}]", EVAL_THINKER, "trainer.eval_every=5"]),
     ("stage3_long", ["trainer.max_steps=6", "trainer.lr=1e-3", "trainer.warmup_steps=1", "trainer.micro_batch_size=1",
-                     "trainer.sequence_parallel=2", "data.chunk_samples=1024"]),
-    ("sft", ["trainer.max_steps=30", "trainer.lr=3e-3"]),
+                     "trainer.sequence_parallel=2", "data.chunk_samples=1024", EVAL_THINKER, "trainer.eval_every=3"]),
+    ("sft", ["trainer.max_steps=30", "trainer.lr=3e-3", EVAL_THINKER, "trainer.eval_every=10",
+             "trainer.keep_best=true"]),
     # The Talker on the SFT'd Thinker: codec continuation, then DPO on the speech triplets (Thinker frozen).
-    ("talker_sft", ["trainer.max_steps=10", "trainer.lr=3e-3", "data.max_len=512", f"data.sources={TRIPLETS}"]),
+    ("talker_sft", ["trainer.max_steps=10", "trainer.lr=3e-3", "data.max_len=512", f"data.sources={TRIPLETS}",
+                    EVAL_TALKER, "trainer.eval_every=5"]),
     ("talker_dpo", ["trainer.max_steps=10", "trainer.lr=1e-3", "trainer.warmup_steps=0", "data.max_len=512",
-                    f"data.sources={TRIPLETS}"]),
+                    f"data.sources={TRIPLETS}", EVAL_TALKER, "trainer.eval_every=5"]),
 ]
+
+
+def hold_out(manifest: Path, every: int = HELD_OUT) -> tuple[Path, Path]:
+    """Split a manifest into NAME.train.jsonl and NAME.heldout.jsonl beside it (every `every`-th line held out;
+    media paths stay relative to the same folder)."""
+    lines = [line for line in manifest.read_text().splitlines() if line.strip()]
+    train, held = manifest.with_suffix(".train.jsonl"), manifest.with_suffix(".heldout.jsonl")
+    write_text_atomic(train, "".join(line + "\n" for i, line in enumerate(lines) if i % every != every - 1))
+    write_text_atomic(held, "".join(line + "\n" for i, line in enumerate(lines) if i % every == every - 1))
+    return train, held
 
 
 def speak(export: Path, wav: Path) -> dict:
@@ -92,11 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     manifest = write_sample_corpus(out / "sample")
     summary: dict = {"data": {}, "stages": {}}
     for name in ("media", "text", "triplets"):
-        source, shards = manifest.with_name(f"{name}.jsonl"), out / "shards" / name
-        print(f"omni-demo: data: omni-prep build {source} {shards}", flush=True)
-        index = build(str(source), str(shards), from_overrides([]))
-        summary["data"][name] = {"manifest": str(source), "shards": str(shards), "num_shards": len(index["shards"]),
-                                 **index["totals"]}
+        train, held = hold_out(manifest.with_name(f"{name}.jsonl"))
+        for source, shards in ((train, out / "shards" / name), (held, out / "heldout" / name)):
+            print(f"omni-demo: data: omni-prep build {source} {shards}", flush=True)
+            index = build(str(source), str(shards), from_overrides([]))
+            summary["data"][shards.relative_to(out).as_posix()] = {
+                "manifest": str(source), "shards": str(shards), "num_shards": len(index["shards"]), **index["totals"]}
     sources = write_tiny_sources(out / "init", compose(argv).model)
     summary["init"] = sources
     start = [f"model.compose.{role}={path}" for role, path in sources.items()]
@@ -111,6 +133,12 @@ def main(argv: list[str] | None = None) -> None:
         summary["stages"][stage] = json.loads((run_dir / "summary.json").read_text())
         start = [f"model.path={run_dir / 'export'}"]
     summary["speech"] = speak(out / "talker_dpo" / "export", out / "speech.wav")
+    print("omni-demo: the final model speaks the held-out replies; pocketsphinx transcribes them", flush=True)
+    spoken = speech_task(str(out / "talker_dpo" / "export"), str(manifest.with_name("triplets.heldout.jsonl")))
+    summary["speech"].update({"heldout_wer": spoken["wer"], "heldout_pause_penalty": spoken["pause_penalty"],
+                              "heldout_samples": spoken["samples"], "asr": spoken["asr"]})
+    report_path = report([out / stage for stage, _ in STAGES], out / "report")
+    summary["report"] = str(report_path)
     write_json_atomic(out / "summary.json", summary)
     print(json.dumps(summary, indent=2))
     print(f"omni-demo: done; summary in {out / 'summary.json'}")

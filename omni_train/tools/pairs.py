@@ -12,10 +12,10 @@ rejected codes of a triplet, with their log-probs under the current model record
 reference is the model the pairs were sampled from, so `talker.reference=precomputed` needs no reference copy).
 A prompt whose samples all score the same is set aside with that reason (they carry no preference).
 
-Scorers (`--scorer`), pluggable through `SCORERS`:
+Scorers (`--scorer`), pluggable through `SCORERS`, built on omni_train/tools/scorers.py (shared with evaluation):
 - `wer` (default): word error rate of a transcript against the reply text, plus the pause/duration check below.
-  The transcript comes from `--asr`: `thinker` (the model's own Thinker, asked to transcribe the clip) or a local
-  Whisper checkpoint directory (WhisperForConditionalGeneration with its processor files).
+  The transcript comes from `--asr`: `pocketsphinx` (default; PyPI's offline English recogniser), `thinker` (the
+  model's own Thinker, asked to transcribe the clip) or a local Whisper checkpoint directory.
 - `pauses`: the pause/duration check alone: the longest silence (20-ms frames under 1% of the peak RMS) beyond
   `--max-pause` seconds, and speaking time outside [0.04, 0.4] s per character of the reply, each add their excess
   in seconds (the paper ranks by word error rate and by punctuation/pause errors).
@@ -30,7 +30,6 @@ import copy
 import io
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,103 +38,13 @@ import torch
 from data_prep.chatml import SampleError, media_parts
 from omni_train.files import write_text_atomic
 from omni_train.tokens import IGNORE
-
-SAMPLE_RATE = 24_000  # Token2Wav's output
-
-
-@dataclass
-class Score:
-    value: float  # lower is better
-    details: dict
-
-
-def pause_check(wave: np.ndarray, text: str, max_pause: float) -> tuple[float, dict]:
-    """Penalty (seconds beyond the bounds) for the longest silence and for the speaking rate of `wave`."""
-    frame = SAMPLE_RATE // 50
-    frames = wave[: len(wave) // frame * frame].reshape(-1, frame) if len(wave) >= frame else wave[None]
-    rms = np.sqrt((frames.astype(np.float64) ** 2).mean(axis=1))
-    silent = rms < 0.01 * max(rms.max(), 1e-12)
-    longest = run = 0
-    for s in silent:
-        run = run + 1 if s else 0
-        longest = max(longest, run)
-    pause = longest / 50.0
-    seconds, chars = len(wave) / SAMPLE_RATE, max(len(text), 1)
-    low, high = 0.04 * chars, 0.4 * chars
-    penalty = max(0.0, pause - max_pause) + max(0.0, low - seconds) + max(0.0, seconds - high)
-    return penalty, {"longest_pause_s": pause, "seconds": seconds}
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Word-level Levenshtein distance / reference words (case and punctuation ignored)."""
-    def words(s: str) -> list[str]:
-        return "".join(c.lower() if c.isalnum() or c.isspace() else " " for c in s).split()
-
-    ref, hyp = words(reference), words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1] / max(len(ref), 1)
-
-
-class ThinkerAsr:
-    """Transcripts from the model's own Thinker: the clip (resampled to 16 kHz, log-mel as in training) and the
-    instruction "Transcribe the audio.", greedy decoding."""
-
-    def __init__(self, model, tokenizer, max_new_tokens: int = 64):
-        self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
-
-    def __call__(self, wave: np.ndarray) -> str:
-        from data_prep.chatml import encode
-        from data_prep.layout import Media
-        from omni_train.data.features import log_mel
-
-        audio = _resample(wave, SAMPLE_RATE, 16_000)
-        messages = [{"role": "user", "content": [{"type": "audio", "audio": "clip"},
-                                                 {"type": "text", "text": "Transcribe the audio."}]},
-                    {"role": "assistant", "content": "x"}]
-        enc = encode(messages, self.tokenizer, [Media("audio", audio_samples=audio.size)])
-        prompt = int(np.nonzero(enc["labels"] != IGNORE)[0][0])
-        features = log_mel(audio)
-        ids = torch.from_numpy(enc["input_ids"][:prompt])[None]
-        out = self.model.thinker.generate(input_ids=ids, input_features=features[None],
-                                          feature_attention_mask=torch.ones(1, features.shape[1], dtype=torch.long),
-                                          max_new_tokens=self.max_new_tokens, do_sample=False)
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
-class WhisperAsr:
-    """Transcripts from a local Whisper checkpoint (model and processor files in one directory)."""
-
-    def __init__(self, path: str):
-        from transformers import WhisperForConditionalGeneration, WhisperProcessor
-
-        self.processor = WhisperProcessor.from_pretrained(path)
-        self.model = WhisperForConditionalGeneration.from_pretrained(path).eval()
-
-    def __call__(self, wave: np.ndarray) -> str:
-        audio = _resample(wave, SAMPLE_RATE, 16_000)
-        features = self.processor(audio, sampling_rate=16_000, return_tensors="pt").input_features
-        with torch.no_grad():
-            out = self.model.generate(features)
-        return self.processor.batch_decode(out, skip_special_tokens=True)[0]
-
-
-def _resample(wave: np.ndarray, source: int, target: int) -> np.ndarray:
-    n = round(len(wave) * target / source)
-    return np.interp(np.linspace(0, len(wave) - 1, n), np.arange(len(wave)), wave).astype(np.float32)
-
+from omni_train.tools.scorers import Score, intelligibility, make_asr, pause_check
 
 def wer_scorer(args, model, tokenizer):
-    asr = ThinkerAsr(model, tokenizer) if args.asr == "thinker" else WhisperAsr(args.asr)
+    asr = make_asr(args.asr, model, tokenizer)
 
     def score(wave: np.ndarray, text: str) -> Score:
-        transcript = asr(wave)
-        wer = word_error_rate(text, transcript)
-        penalty, details = pause_check(wave, text, args.max_pause)
-        return Score(wer + penalty, {"wer": wer, "transcript": transcript, "pause_penalty": penalty, **details})
+        return intelligibility(asr, wave, text, args.max_pause)
     return score
 
 
@@ -306,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-codes", type=int, default=600, help="codes per sample at most (50 per second)")
     parser.add_argument("--speaker", default=None, help="a key of spk_dict.pt (default: its first)")
     parser.add_argument("--scorer", choices=sorted(SCORERS), default="wer")
-    parser.add_argument("--asr", default="thinker", help="'thinker' or a local Whisper checkpoint directory")
+    parser.add_argument("--asr", default="pocketsphinx",
+                        help="'pocketsphinx' (offline, default), 'thinker' or a local Whisper checkpoint directory")
     parser.add_argument("--max-pause", type=float, default=0.6, help="seconds of silence allowed inside a reply")
     parser.add_argument("--top-k", type=int, default=40)
     parser.add_argument("--top-p", type=float, default=0.8)

@@ -13,7 +13,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="omni-train plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu-gb", type=float, default=80.0, help="the GPU's memory in GiB (default 80)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for `omni-train` (model=..., stage=...)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from omni_train.config.compose import compose
     from omni_train.train.memory import report
 

@@ -53,8 +53,10 @@ def remove_incomplete(run_dir: str) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def save(engine, run_dir: str, step: int, loader_state: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+def save(engine, run_dir: str, step: int, loader_state: dict, keep_last: int, extra: dict | None = None,
+         protect: tuple[int, ...] = ()) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory. `extra` joins the run state (the loop's
+    bookkeeping, e.g. the best evaluation); the checkpoints of the `protect` steps survive the keep_last pruning."""
     rank = torch.distributed.get_rank()
     ckpt = _dir(run_dir) / tag(step)
     engine.save_checkpoint(str(_dir(run_dir)), tag=tag(step), save_latest=False)
@@ -65,13 +67,15 @@ def save(engine, run_dir: str, step: int, loader_state: dict, keep_last: int) ->
             "world_size": torch.distributed.get_world_size(),
             "loader": loader_state,
             **rng_state(),
+            **(extra or {}),
         },
     )
     torch.distributed.barrier()
     if rank == 0:
         write_json_atomic(ckpt / MARKER, {"step": step})
         for old in complete_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if int(old.name.removeprefix("step_")) not in protect:
+                shutil.rmtree(old, ignore_errors=True)
     torch.distributed.barrier()
     return ckpt
 

@@ -4,6 +4,9 @@
                                            `omni-launch` starts)
     omni-train plan [--gpu-gb G] OVERRIDES  the per-GPU memory a configuration needs (omni_train/tools/plan.py)
     omni-train pairs ...                    on-policy speech preference triplets (omni_train/tools/pairs.py)
+    omni-train eval MODEL OVERRIDES...      held-out loss (and with --speech, spoken WER) of a saved model
+                                           (omni_train/train/evaluate.py)
+    omni-train report RUN_DIR...            PNG curves and a markdown page of runs (omni_train/tools/report.py)
 
 Owns the command table and how a training process ends: a user error is one line and exit 2; a lost peer is one
 line naming it (omni_train/train/liveness.py) and exit 3, after which a job with `launcher.max_restarts` resumes.
@@ -85,9 +88,23 @@ def _pairs(argv: list[str]) -> int:
     return main(argv)
 
 
+def _eval(argv: list[str]) -> int:
+    from omni_train.train.evaluate import main
+
+    return main(argv)
+
+
+def _report(argv: list[str]) -> int:
+    from omni_train.tools.report import main
+
+    return main(argv)
+
+
 COMMANDS = {"train": (train, "train one stage (Hydra overrides); the default command"),
             "plan": (_plan, "the per-GPU memory a configuration needs"),
-            "pairs": (_pairs, "on-policy speech preference triplets for talker_dpo")}
+            "pairs": (_pairs, "on-policy speech preference triplets for talker_dpo"),
+            "eval": (_eval, "held-out loss (and spoken WER) of an export or checkpoint"),
+            "report": (_report, "curves of one or several runs as PNGs and a markdown page")}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,7 @@ Owns the order of a run, in parts that read top to bottom:
 - `train_step`: one optimizer step, its loss normalised by the step's units (label tokens, codec targets or
   triplets) summed over ranks and accumulation steps; tests and benchmarks call this same function;
 - `finish`: the export and `summary.json`.
-`run` strings them together, with checkpoints between steps. Stages differ in config and in their recipe
+`run` strings them together, with evaluations (omni_train/train/evaluate.py) and checkpoints between steps. Stages differ in config and in their recipe
 (omni_train/train/recipes), never in a copy of this loop, and the loop has no branch on the objective.
 """
 
@@ -143,6 +143,9 @@ class Run:
     start_step: int
     last_checkpoint: Path | None
     counts_data: bool
+    heldout: dict = field(default_factory=dict)  # eval source name -> this rank's HeldOut share
+    best: dict | None = None  # {"step", "eval_loss"} of the best evaluation so far (trainer.keep_best)
+    evals: dict[int, float] = field(default_factory=dict)  # eval/loss by step
     losses: dict[int, float] = field(default_factory=dict)
     history: dict[int, dict[str, float]] = field(default_factory=dict)
     real_tokens: float = 0.0
@@ -197,21 +200,26 @@ def setup(cfg: Config) -> Run:
     tokenizer = load_tokenizer(cfg.model.path)
     loader = build_rank_loader(cfg.data, tokenizer, dp_rank, dp_world, t.seed, rows=t.micro_batch_size,
                                speech=recipe.speech)
+    heldout = {}
+    if t.eval_every:
+        from omni_train.train.evaluate import heldout_sets
+
+        heldout = heldout_sets(cfg, tokenizer, dp_rank, dp_world, recipe.speech)
     trainee = recipe.build(cfg, world, sp)
     counts = param_counts(trainee.module)
     local_params = [None] * world
     torch.distributed.all_gather_object(local_params, counts["local"])
-    start_step = 0
+    start_step, best = 0, None
     if resume_from is not None:
         state = checkpoint.load(trainee.engine, resume_from)
-        start_step = state["step"]
+        start_step, best = state["step"], state.get("best")
         loader.load_state_dict(state["loader"])
     metrics = Metrics(cfg.logging, cfg.run_dir, rank, t.max_steps, start_step, plain_config)
     warn_if_too_big(cfg, metrics.warn)
     metrics.info(f"stage {cfg.stage.name}: {counts['trainable']:,} of {counts['total']:,} parameters train; "
                  f"{world} ranks, sequence parallel {t.sequence_parallel}, rows of {cfg.data.max_len} tokens")
     return Run(cfg, rank, world, recipe, trainee, loader, tokenizer, metrics, timeouts, counts, local_params,
-               start_step, resume_from, counts_data=sp is None or sp.rank == 0,
+               start_step, resume_from, counts_data=sp is None or sp.rank == 0, heldout=heldout, best=best,
                mixture=dict.fromkeys([s.name for s in cfg.data.sources], 0.0))
 
 
@@ -260,6 +268,31 @@ def _step(run: Run, step: int, micro: list) -> None:
     })
 
 
+def _evaluate(run: Run, step: int) -> bool:
+    """Evaluate on the held-out sets and log it; True when trainer.keep_best should keep this step (never step 0:
+    the starting model is model.path, not a checkpoint of this run)."""
+    from omni_train.train.evaluate import evaluate
+
+    record = evaluate(run.trainee.engine, run.trainee.module, run.heldout, run.counts_data)
+    run.evals[step] = record["eval/loss"]
+    run.metrics.log_eval(step, record)
+    if not run.cfg.trainer.keep_best or step == 0 or (run.best is not None
+                                                       and record["eval/loss"] >= run.best["eval_loss"]):
+        return False
+    run.best = {"step": step, "eval_loss": record["eval/loss"]}
+    return True
+
+
+def _save(run: Run, step: int) -> None:
+    with run.timeouts.unequal_work():
+        kept = (run.best["step"],) if run.best else ()
+        run.last_checkpoint = checkpoint.save(run.trainee.engine, run.cfg.run_dir, step, run.loader.state_dict(),
+                                              run.cfg.trainer.keep_last, {"best": run.best}, protect=kept)
+    if run.best and run.rank == 0:
+        best = checkpoint.tag(run.best["step"])
+        write_json_atomic(run.run_dir / "checkpoints" / "best.json", {**run.best, "checkpoint": best})
+
+
 def finish(run: Run) -> dict:
     """The export (when configured) and the stage summary, written by rank 0; returned on every rank."""
     cfg, t = run.cfg, run.cfg.trainer
@@ -278,6 +311,9 @@ def finish(run: Run) -> dict:
         "local_params_per_rank": run.local_params,
         "packing_efficiency": run.real_tokens / run.capacity if run.capacity else None,
         "mixture": _shares(run.mixture),
+        **({"first_eval_loss": run.evals[min(run.evals)], "last_eval_loss": run.evals[max(run.evals)]}
+           if run.evals else {}),
+        **({"best_eval": run.best} if run.best else {}),
         "objective": str(cfg.stage.objective),
         **run.recipe.summary(run.history, run.start_step + 1, t.max_steps),
         "checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None,
@@ -295,14 +331,15 @@ def run(cfg: Config) -> dict:
     t = cfg.trainer
     batches = iter(r.loader)
     r.trainee.engine.train()
+    if t.eval_every and r.start_step == 0:
+        _evaluate(r, 0)  # where the stage starts from
     for step in range(r.start_step + 1, t.max_steps + 1):
         _step(r, step, [next(batches) for _ in range(t.grad_accum)])
         if step == r.start_step + 1:
             r.timeouts.steps()  # the first step's lazy allocations are behind: a silent peer is a lost one now
-        if step % t.save_every == 0 or step == t.max_steps:
-            with r.timeouts.unequal_work():
-                r.last_checkpoint = checkpoint.save(r.trainee.engine, cfg.run_dir, step, r.loader.state_dict(),
-                                                    t.keep_last)
+        best = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps) and _evaluate(r, step)
+        if best or step % t.save_every == 0 or step == t.max_steps:
+            _save(r, step)
     batches.close()  # stop the decoding workers now rather than at garbage collection
     r.metrics.close()
     return finish(r)

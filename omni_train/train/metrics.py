@@ -68,6 +68,16 @@ class Metrics:
                 loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{record['lr']:.2e}"
             )
 
+    def log_eval(self, step: int, record: dict) -> None:
+        """An evaluation's metrics as their own line of metrics.jsonl (and to wandb), one console line."""
+        if not self.active:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **record}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+        self.info(f"step {step}: eval/loss {record['eval/loss']:.4f}")
+
     def info(self, message: str) -> None:
         """One line on the console (above the progress bar), rank 0 only."""
         if not self.active:
