@@ -135,8 +135,8 @@ def test_on_policy_pairs_train_with_their_recorded_reference(dpo, sample_corpus,
     (tmp_path / "media").symlink_to(sample_corpus.parent / "media")
     out = tmp_path / "pairs.jsonl"
     done = subprocess.run([sys.executable, "-m", "omni_train.train", "pairs", str(dpo / "export"), str(prompts),
-                           str(out), "--samples", "3", "--max-codes", "40"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+                           str(out), "--samples", "3", "--max-codes", "40", "--asr", "thinker"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     triplets = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(triplets) >= 2

@@ -117,6 +117,28 @@ def sample_codes(talker, prompt, pad_embed: torch.Tensor, k: int, max_codes: int
     return out, torch.stack(raw, dim=1)
 
 
+def spoken_reply(objective, sample, speaker_bos: int, tokenizer):
+    """One conversation whose last assistant turn is to be spoken: its packed batch, the reply's text, and what the
+    Talker reads before its first code (and the tts_text_pad embedding), from the frozen Thinker."""
+    from omni_train.data.batch import collate_packed
+    from omni_train.model.talker import response_span
+
+    batch = collate_packed([[sample]], len(sample), tokenizer.pad_token_id)
+    batch["speaker_bos"] = torch.tensor([speaker_bos])
+    start, reply = response_span(batch["labels"][0])
+    text = tokenizer.decode(batch["input_ids"][0, start:start + reply])
+    with torch.no_grad():
+        (prompt,), pad_embed = objective.prompts(batch)
+    return batch, text, prompt, pad_embed
+
+
+def render(model, codes: torch.Tensor, voice: dict) -> np.ndarray:
+    """Token2Wav's 24 kHz waveform of `codes` in the voice of a spk_dict entry."""
+    with torch.no_grad():
+        return model.token2wav(codes[None], conditioning=voice["cond"].float(),
+                               reference_mel=voice["ref_mel"].float()).reshape(-1).float().numpy()
+
+
 def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     values, order = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
     probs = values.softmax(dim=-1)
@@ -129,9 +151,8 @@ def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor
 def build_pairs(args) -> dict:
     from transformers import Qwen2_5OmniForConditionalGeneration
 
-    from omni_train.data.batch import collate_packed
     from omni_train.config.schema import Objective
-    from omni_train.model.talker import TalkerLM, response_span
+    from omni_train.model.talker import TalkerLM
     from omni_train.tokenizer import load_tokenizer
 
     torch.manual_seed(args.seed)
@@ -154,20 +175,11 @@ def build_pairs(args) -> dict:
         except (SampleError, ValueError) as e:
             set_aside.append({"id": rid, "reason": str(e)})
             continue
-        batch = collate_packed([[sample]], len(sample), tokenizer.pad_token_id)
-        batch["speaker_bos"] = torch.tensor([speakers[speaker]])
-        start, reply = response_span(batch["labels"][0])
-        text = tokenizer.decode(batch["input_ids"][0, start:start + reply])
+        batch, text, prompt, pad_embed = spoken_reply(objective, sample, speakers[speaker], tokenizer)
         with torch.no_grad():
-            (prompt,), pad_embed = objective.prompts(batch)
             candidates, _ = sample_codes(model.talker, prompt, pad_embed, args.samples, args.max_codes, args.top_k,
-                                      args.top_p, args.temperature, objective.ids)
-            candidates = [c for c in candidates if len(c) > 0]
-            scored = []
-            for codes in candidates:
-                wave = model.token2wav(codes[None], conditioning=voice["cond"].float(),
-                                       reference_mel=voice["ref_mel"].float()).reshape(-1).float().numpy()
-                scored.append((score(wave, text), codes))
+                                         args.top_p, args.temperature, objective.ids)
+            scored = [(score(render(model, codes, voice), text), codes) for codes in candidates if len(codes) > 0]
         if len(scored) < 2 or min(s.value for s, _ in scored) == max(s.value for s, _ in scored):
             set_aside.append({"id": rid, "reason": f"{len(scored)} samples with no difference in score: no preference"})
             continue

@@ -21,10 +21,9 @@ def speech_task(model_dir: str, manifest: str, asr: str = "pocketsphinx", speake
     from transformers import Qwen2_5OmniForConditionalGeneration
 
     from omni_train.config.schema import Objective
-    from omni_train.data.batch import collate_packed
-    from omni_train.model.talker import TalkerLM, response_span
+    from omni_train.model.talker import TalkerLM
     from omni_train.tokenizer import load_tokenizer
-    from omni_train.tools.pairs import _sample_of, sample_codes
+    from omni_train.tools.pairs import _sample_of, render, sample_codes, spoken_reply
     from omni_train.tools.scorers import SAMPLE_RATE, intelligibility, make_asr
 
     torch.manual_seed(seed)
@@ -39,21 +38,15 @@ def speech_task(model_dir: str, manifest: str, asr: str = "pocketsphinx", speake
     records = [json.loads(line) for line in Path(manifest).read_text().splitlines() if line.strip()]
     results = []
     for n, record in enumerate(records[:limit] if limit else records):
-        sample = _sample_of(record, base, tokenizer)
-        batch = collate_packed([[sample]], len(sample), tokenizer.pad_token_id)
-        batch["speaker_bos"] = torch.tensor([speakers[speaker]])
-        start, reply = response_span(batch["labels"][0])
-        text = tokenizer.decode(batch["input_ids"][0, start:start + reply])
+        _, text, prompt, pad_embed = spoken_reply(objective, _sample_of(record, base, tokenizer), speakers[speaker],
+                                                  tokenizer)
         with torch.no_grad():
-            (prompt,), pad_embed = objective.prompts(batch)
             (codes,), _ = sample_codes(model.talker, prompt, pad_embed, 1, max_codes, 40, 0.8, 0.9, objective.ids)
-            if len(codes) == 0:
-                results.append({"id": record.get("id", f"sample-{n}"), "text": text, "wer": 1.0,
-                                "pause_penalty": 0.0, "seconds": 0.0, "transcript": ""})
-                continue
-            wave = model.token2wav(codes[None], conditioning=voice["cond"].float(),
-                                   reference_mel=voice["ref_mel"].float()).reshape(-1).float().numpy()
-        score = intelligibility(recogniser, wave, text, max_pause, rate=SAMPLE_RATE)
+        if len(codes) == 0:
+            results.append({"id": record.get("id", f"sample-{n}"), "text": text, "wer": 1.0,
+                            "pause_penalty": 0.0, "seconds": 0.0, "transcript": ""})
+            continue
+        score = intelligibility(recogniser, render(model, codes, voice), text, max_pause, rate=SAMPLE_RATE)
         results.append({"id": record.get("id", f"sample-{n}"), "text": text, **score.details})
     count = max(len(results), 1)
     return {"asr": asr, "samples": len(results),
