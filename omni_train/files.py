@@ -1,4 +1,4 @@
-"""Crash-safe file writes: a file is either absent, the old version, or the complete new one.
+"""Crash-safe file writes: a file is either absent, the old version, or the complete new one; JSON is strict.
 
 Base layer: imported by data_prep and every layer of omni_train; imports nothing of the project.
 """
@@ -6,6 +6,7 @@ Base layer: imported by data_prep and every layer of omni_train; imports nothing
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -19,8 +20,20 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def json_safe(obj):
+    """`obj` with every non-finite float (NaN, +-inf: not JSON) as None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = 2) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=indent))
+    """Strict JSON (non-finite floats written as null), atomically."""
+    return write_text_atomic(path, json.dumps(json_safe(obj), indent=indent, allow_nan=False))
 
 
 # A directory written by several processes (a training checkpoint) counts only once this file is in it: written

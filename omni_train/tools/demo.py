@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         start = [f"model.path={run_dir / 'export'}"]
     summary["speech"] = speak(out / "talker_dpo" / "export", out / "speech.wav")
     print("omni-demo: the final model speaks the held-out replies; pocketsphinx transcribes them", flush=True)
-    spoken = speech_task(str(out / "talker_dpo" / "export"), str(manifest.with_name("triplets.heldout.jsonl")))
+    spoken = speech_task(str(out / "talker_dpo" / "export"), str(manifest.with_name("triplets.heldout.jsonl")),
+                         max_codes=200)
     summary["speech"].update({"heldout_wer": spoken["wer"], "heldout_pause_penalty": spoken["pause_penalty"],
                               "heldout_samples": spoken["samples"], "asr": spoken["asr"]})
     report_path = report([out / stage for stage, _ in STAGES], out / "report")

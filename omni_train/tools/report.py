@@ -34,6 +34,9 @@ PANELS = {
 }
 
 
+BY_RUN = ("loss", "lr", "throughput", "packing")
+
+
 def read_run(run_dir: Path) -> dict:
     """A run's records (metrics.jsonl lines, in order) and summary."""
     metrics = run_dir / "metrics.jsonl"
@@ -68,11 +71,15 @@ def figures(runs: list[dict]) -> dict:
         if not any(values for key, _, _ in lines for _, values, _ in _series(runs, key)):
             continue
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        for key, label, style in lines:
-            for run, (steps, values, _) in zip(runs, _series(runs, key)):
-                if values:
-                    ax.plot(steps, values, style, label=f"{run['name']}: {label}" if len(runs) > 1 else label,
-                            markersize=3)
+        by_run = stem in BY_RUN  # one colour per run (its lines told apart by style), else one per line
+        for j, (key, label, style) in enumerate(lines):
+            labelled = False
+            for i, (run, (steps, values, _)) in enumerate(zip(runs, _series(runs, key))):
+                if not values:
+                    continue
+                name = f"{run['name']}: {label}" if by_run and len(runs) > 1 else None if labelled else label
+                ax.plot(steps, values, style, color=f"C{i if by_run else j}", label=name, markersize=3)
+                labelled = True
         for _, _, offset in _series(runs, "loss")[1:]:
             ax.axvline(offset, color="grey", linestyle=":", linewidth=0.8)
         ax.set_title(title)

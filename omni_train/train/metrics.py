@@ -7,15 +7,19 @@ dropped, so the file reads as one uninterrupted run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
 from pathlib import Path
 
 from omni_train.config.schema import LoggingConfig
-from omni_train.files import write_text_atomic
+from omni_train.files import json_safe, write_text_atomic
 
-SECRET_KEY = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
+# Credentials by name: the whole key, or its last part after `_`, `-` or `.` (wandb_api_key, hf_token), never a word
+# inside a model setting (token2wav_config, pad_token_id, num_key_value_heads).
+SECRET_KEY = re.compile(r"^(?:.*[_.-])?(?:api_?key|token|secret|secret_key|password|passwd|private_key|credentials?)$",
+                        re.IGNORECASE)
 
 
 def redact(obj):
@@ -56,10 +60,12 @@ class Metrics:
         write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
+        """One step's figures; a non-finite one is written as null and named under `nonfinite` (strict JSON)."""
         if not self.active:
             return
+        bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({**json_safe(record), **({"nonfinite": bad} if bad else {})}, allow_nan=False) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         if self.bar is not None:
@@ -73,7 +79,7 @@ class Metrics:
         if not self.active:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **record}) + "\n")
+            f.write(json.dumps(json_safe({"step": step, **record}), allow_nan=False) + "\n")
         if self.wandb is not None:
             self.wandb.log(record, step=step)
         self.info(f"step {step}: eval/loss {record['eval/loss']:.4f}")
