@@ -47,13 +47,23 @@ def _samples(shards: Path) -> list:
     return [decode_sample(s) for s in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda s: s).decode()]
 
 
-@pytest.fixture(scope="module")
-def one_rank(tiny_export, sample_shards, tmp_path_factory) -> dict:
-    return _eval(tiny_export, sample_shards, tmp_path_factory.mktemp("eval") / "one.json")
+def _subset(sample_corpus: Path, out: Path, picks: dict[str, int]) -> Path:
+    """Shards of the first `n` conversations of the sample corpus whose id starts with each prefix, in that order."""
+    from data_prep.build import build
+    from data_prep.config import from_overrides
+
+    lines = sample_corpus.read_text().splitlines()
+    chosen = [line for prefix, n in picks.items()
+              for line in [x for x in lines if json.loads(x)["id"].startswith(prefix)][:n]]
+    manifest = sample_corpus.with_name(f"{out.name}.jsonl")
+    manifest.write_text("".join(line + "\n" for line in chosen))
+    build(str(manifest), str(out), from_overrides(["workers=1"]), progress=False)
+    return out
 
 
-def test_eval_loss_is_the_same_for_any_ranks_and_workers_and_equals_sample_by_sample(one_rank, tiny_export,
-                                                                                     sample_shards, tmp_path):
+def _oracle(model: Path, shards: Path, max_len: int) -> tuple[float, float, int]:
+    """(loss per label token, label tokens, samples) of every sample of `shards` up to `max_len` tokens, each
+    alone, in this process, without DeepSpeed or packing."""
     from omni_train.data.batch import collate_packed
     from omni_train.model.build import build_thinker
     from omni_train.model.kernels.attention import use_packed_attention
@@ -61,49 +71,47 @@ def test_eval_loss_is_the_same_for_any_ranks_and_workers_and_equals_sample_by_sa
     from omni_train.tokens import PAD
     from tests.helpers.models import tiny_model_config
 
-    two_ranks = _eval(tiny_export, sample_shards, tmp_path / "two.json", 2)
-    workers = _eval(tiny_export, sample_shards, tmp_path / "workers.json", 1, "eval.workers=2")
-    # The oracle: each sample alone, in this process, without DeepSpeed.
-    thinker = build_thinker(tiny_model_config(path=str(tiny_export)), None).eval()
+    thinker = build_thinker(tiny_model_config(path=str(model)), None).eval()
     use_packed_attention(thinker.model.language_model)
     module = ThinkerLM(thinker)
     loss_sum = units = 0.0
-    kept = [s for s in _samples(sample_shards) if len(s) <= MAX_LEN]
+    kept = [s for s in _samples(shards) if len(s) <= max_len]
     with torch.no_grad():
         for sample in kept:
             batch = collate_packed([[sample]], len(sample), PAD)
             loss, _ = module(**batch)
             loss_sum, units = loss_sum + float(loss), units + module.units(batch)
-    assert one_rank["eval/held/samples"] == len(kept) and one_rank["eval/held/label_tokens"] == units
-    assert one_rank["eval/held/loss"] == pytest.approx(loss_sum / units, rel=1e-5)
-    for other in (two_ranks, workers):
-        _same(other, one_rank)
-    conditions = {k: v for k, v in one_rank.items() if k.startswith("eval/held/label_tokens/")}
+    return loss_sum / units, units, len(kept)
+
+
+def test_eval_loss_is_the_same_for_any_ranks_and_workers_and_equals_sample_by_sample(tiny_export, sample_corpus,
+                                                                                     tmp_path):
+    """Every kind of sample (speech, images, video with and without its audio, text); one rank decoding in its own
+    process, and two ranks with two decoding workers each, give the loss of each sample alone."""
+    shards = _subset(sample_corpus, tmp_path / "mixed",
+                     {"speech-": 4, "image-": 4, "video-000": 2, "video-001": 2, "mixed-": 2, "text-": 6})
+    one = _eval(tiny_export, shards, tmp_path / "one.json")
+    two = _eval(tiny_export, shards, tmp_path / "two.json", 2, "eval.workers=2")
+    loss, units, samples = _oracle(tiny_export, shards, MAX_LEN)
+    assert one["eval/held/samples"] == samples >= 15 and one["eval/held/label_tokens"] == units
+    assert one["eval/held/loss"] == pytest.approx(loss, rel=1e-5)
+    _same(two, one)
+    conditions = {k: v for k, v in one.items() if k.startswith("eval/held/label_tokens/")}
     assert len(conditions) == 4 and all(conditions.values()), conditions
 
 
-def test_ranks_with_shares_of_different_size_and_modality_finish_together(one_rank, tiny_export, sample_corpus,
-                                                                        tmp_path):
+def test_ranks_with_shares_of_different_size_and_modality_finish_together(tiny_export, sample_corpus, tmp_path):
     """Three held-out samples on two ranks: rank 0 evaluates speech and an image (two micro-batches of one row),
-    rank 1 one text (one micro-batch, then a weight-0 filler): no hang, and the totals of one rank."""
-    from data_prep.build import build
-    from data_prep.config import from_overrides
-
-    lines = sample_corpus.read_text().splitlines()
-    first = {kind: next(line for line in lines if json.loads(line)["id"].startswith(kind))
-             for kind in ("speech-", "text-", "image-")}
-    manifest = sample_corpus.with_name("three.jsonl")
-    manifest.write_text("".join(first[k] + "\n" for k in ("speech-", "text-", "image-")))
-    shards = tmp_path / "three"
-    build(str(manifest), str(shards), from_overrides(["workers=1"]), progress=False)
+    rank 1 one text (one micro-batch, then a weight-0 filler): no hang, and the totals of each sample alone."""
+    shards = _subset(sample_corpus, tmp_path / "three", {"speech-": 1, "text-": 1, "image-": 1})
     lengths = [len(s) for s in _samples(shards)]
     row = -(-max(lengths) // 64) * 64
+    assert [s.id.split("-")[0] for s in _samples(shards)] == ["speech", "text", "image"]
     assert lengths[0] + lengths[2] > row, "speech and image must not share a row"
-    settings = (f"data.max_len={row}", "trainer.micro_batch_size=1")
-    alone = _eval(tiny_export, shards, tmp_path / "one.json", 1, *settings)
-    shared = _eval(tiny_export, shards, tmp_path / "two.json", 2, *settings)
-    assert alone["eval/held/samples"] == 3 and not any("set_aside" in k for k in alone)
-    _same(shared, alone)
+    shared = _eval(tiny_export, shards, tmp_path / "two.json", 2, f"data.max_len={row}", "trainer.micro_batch_size=1")
+    loss, units, samples = _oracle(tiny_export, shards, row)
+    assert shared["eval/held/samples"] == samples == 3 and not any("set_aside" in k for k in shared)
+    assert shared["eval/held/label_tokens"] == units and shared["eval/held/loss"] == pytest.approx(loss, rel=1e-5)
 
 
 def test_an_eval_without_sources_is_one_line(tiny_export, tmp_path):
