@@ -127,3 +127,38 @@ def test_no_module_of_the_project_imports_in_a_circle():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+
+
+# The layers of docs/ARCHITECTURE.md, upstream first. A module belongs to the layer of its longest listed prefix.
+LAYERS = [
+    ["omni_train", "omni_train.errors", "omni_train.tokens", "omni_train.files", "omni_train.dist",
+     "omni_train.tokenizer"],
+    ["omni_train.config", "omni_train.config.schema", "omni_train.config.compose"],
+    ["data_prep"],
+    ["omni_train.data"],
+    ["omni_train.model"],
+    ["omni_train.config.validate"],
+    ["omni_train.train"],
+    ["launch"],
+    ["omni_train.tools"],
+    ["omni_train.cli"],
+]
+
+
+def _layer(module: str) -> int:
+    best, found = -1, None
+    for i, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, found = len(prefix), i
+    assert found is not None, f"{module} is in no layer of docs/ARCHITECTURE.md"
+    return found
+
+
+def test_every_import_goes_upstream():
+    """Each module imports only from its own layer or the layers above it; `python -m` entry shims
+    (`__main__`) start the command line and are not part of a layer."""
+    modules = _modules()
+    wrong = [f"{name} -> {target}" for name, path in modules.items() if not name.endswith("__main__")
+             for target in _imports(name, path, modules) if _layer(target) > _layer(name)]
+    assert not wrong, wrong

@@ -8,20 +8,14 @@ counts them), and per source `eval/<source>/loss`, its units, the objective's ow
 losses and label counts for the Thinker; codec loss, DPO reward accuracy and margin for the Talker) and the
 samples set aside by reason.
 
-Also the `omni-train eval MODEL [OVERRIDES]` command: the objective of `stage` built from MODEL (an export or a
-training checkpoint) under ZeRO-3 exactly as training builds it, evaluated on `eval.sources`, written to
-`eval.json`. One process by default; under torchrun every rank takes its share.
+`run(cfg)` evaluates a saved model (`model.path`): the objective of `stage` built from it under ZeRO-3 exactly as
+training builds it (`omni-train eval`, omni_train/tools/evaluate.py). One process by default; under torchrun every
+rank takes its share.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-
 import torch
-
-from omni_train.errors import ConfigError
 
 
 def heldout_sets(cfg, tokenizer, dp_rank: int, dp_world: int, speech) -> dict:
@@ -77,49 +71,6 @@ def _set_aside(held, counts_data: bool) -> dict[str, int]:
         for reason, n in share.items():
             total[reason] = total.get(reason, 0) + n
     return total
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="omni-train eval", description=__doc__.split("\n\n")[2].strip(),
-        epilog="Example: omni-train eval outputs/demo/sft/export 'eval.sources=[{name:held,path:data/held}]'")
-    parser.add_argument("model", help="an export or a training checkpoint (RUN_DIR/checkpoints/step_N)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides (stage=..., eval.sources=..., data.max_len=...)")
-    parser.add_argument("--out", default="eval.json", help="where to write the metrics (default: eval.json)")
-    parser.add_argument("--speech", metavar="MANIFEST", help="a full model (with its Talker) speaks the last replies "
-                        "of this JSONL manifest; a recogniser scores them (omni_train/tools/speech.py)")
-    parser.add_argument("--asr", default="pocketsphinx", help="pocketsphinx (default), thinker or a Whisper "
-                        "checkpoint directory")
-    parser.add_argument("--speaker", default=None, help="a key of the model's spk_dict.pt (default: its first)")
-    args = parser.parse_intermixed_args(argv)
-    from omni_train.config.compose import compose
-    from omni_train.files import write_json_atomic
-
-    metrics: dict = {}
-    try:
-        cfg = compose([*args.overrides, f"model.path={args.model}", "trainer.export=false"])
-        if not cfg.eval.sources and not args.speech:
-            raise ConfigError("eval.sources is empty: name the held-out shard sets, e.g. "
-                              "'eval.sources=[{name:held,path:DIR}]' (or give --speech MANIFEST)")
-        if cfg.eval.sources:
-            cfg.data.sources = list(cfg.eval.sources)  # the training data is not read: check what is
-            metrics = run(cfg)
-    except ConfigError as e:
-        print(f"omni-train eval: error: {e}", file=sys.stderr)
-        return 2
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if rank == 0:
-        if args.speech:
-            from omni_train.tools.speech import speech_task
-
-            metrics["speech"] = speech_task(args.model, args.speech, args.asr, args.speaker)
-        write_json_atomic(args.out, {"model": args.model, "objective": str(cfg.stage.objective), **metrics})
-        print(json.dumps({k: v for k, v in metrics.items() if k != "speech"} | (
-            {"speech/wer": metrics["speech"]["wer"]} if "speech" in metrics else {}), indent=2))
-    from omni_train.train.distributed import shutdown
-
-    shutdown()
-    return 0
 
 
 def run(cfg) -> dict[str, float]:

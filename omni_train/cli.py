@@ -5,7 +5,7 @@
     omni-train plan [--gpu-gb G] OVERRIDES  the per-GPU memory a configuration needs (omni_train/tools/plan.py)
     omni-train pairs ...                    on-policy speech preference triplets (omni_train/tools/pairs.py)
     omni-train eval MODEL OVERRIDES...      held-out loss (and with --speech, spoken WER) of a saved model
-                                           (omni_train/train/evaluate.py)
+                                           (omni_train/tools/evaluate.py)
     omni-train report RUN_DIR...            PNG curves and a markdown page of runs (omni_train/tools/report.py)
 
 Owns the command table and how a training process ends: a user error is one line and exit 2; a lost peer is one
@@ -89,7 +89,7 @@ def _pairs(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from omni_train.train.evaluate import main
+    from omni_train.tools.evaluate import main
 
     return main(argv)
 
