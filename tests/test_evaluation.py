@@ -175,3 +175,13 @@ def test_the_report_draws_each_curve_and_embeds_it(tmp_path):
     for stem in drawn:
         assert f"({stem}.png)" in text and (tmp_path / "report" / f"{stem}.png").stat().st_size > 1000
     assert "| stage_b |" in text
+    # The command line passes over what is not a run and orders the runs by when they were last written.
+    import os
+
+    from omni_train.tools.report import main
+
+    os.utime(runs[0] / "metrics.jsonl", (1_000, 1_000))
+    os.utime(runs[1] / "metrics.jsonl", (2_000, 2_000))
+    assert main([str(runs[1]), str(tmp_path / "report"), str(runs[0]), "--out", str(tmp_path / "again")]) == 0
+    assert "Runs, in order: stage_a, stage_b." in (tmp_path / "again" / "report.md").read_text()
+    assert main([str(tmp_path / "report"), "--out", str(tmp_path / "none")]) == 2

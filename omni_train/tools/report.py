@@ -8,7 +8,9 @@ a run begins):
 - conditions.png: the Thinker's training loss by condition (text, audio, image, video samples);
 - dpo.png: talker_dpo's reward accuracy and margin (when a run has them).
 `report.md` in the output directory embeds every figure drawn and tabulates each run's summary (first and last
-training loss, first and last eval loss, best eval step). Figures without data are not drawn.
+training loss, first and last eval loss, best eval step). Figures without data are not drawn. Arguments that are
+not run directories (no metrics.jsonl: data, exports, files) are passed over, so `omni-train report outputs/demo/*`
+works; the runs are put in the order they were last written (a pipeline's stage order) unless `--as-given`.
 """
 
 from __future__ import annotations
@@ -123,14 +125,19 @@ def write(run_dirs: list[Path], out: Path) -> Path:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="omni-train report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories, in the order they ran")
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (others are passed over)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: report/ beside the "
                                                                 "first run)")
-    args = parser.parse_args(argv)
-    try:
-        path = write(args.runs, args.out or args.runs[0].parent / "report")
-    except FileNotFoundError as e:
-        print(f"omni-train report: error: {e}", file=sys.stderr)
+    parser.add_argument("--as-given", action="store_true", help="keep the runs in the order given (default: the "
+                                                                 "order their metrics were last written)")
+    args = parser.parse_intermixed_args(argv)
+    runs = [r for r in args.runs if (r / "metrics.jsonl").is_file()]
+    if not runs:
+        print(f"omni-train report: error: none of {[str(r) for r in args.runs][:5]} is a run directory (with "
+              "metrics.jsonl)", file=sys.stderr)
         return 2
+    if not args.as_given:
+        runs.sort(key=lambda r: (r / "metrics.jsonl").stat().st_mtime)
+    path = write(runs, args.out or runs[0].parent / "report")
     print(f"omni-train report: {path}")
     return 0
