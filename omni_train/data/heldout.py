@@ -29,6 +29,7 @@ from omni_train.data.loader import (
     _SetAside,
     check_speech_members,
     decode_safe,
+    set_aside_reason,
 )
 
 
@@ -45,7 +46,7 @@ def _decode(rows: list[list[dict]], max_len: int, pad_id: int, speech: Speech) -
             except SYSTEM_EXCEPTIONS:
                 raise
             except Exception as e:  # noqa: BLE001 - a bad media file costs its sample only
-                aside[e.kind if isinstance(e, _SetAside) else "undecodable sample"] += 1
+                aside[set_aside_reason(e)] += 1
                 continue
             decoded[-1].append(sample)
     if not any(decoded):
@@ -86,7 +87,7 @@ class HeldOut:
                     raise
                 except Exception as e:  # noqa: BLE001 - a bad held-out sample is set aside and counted (once)
                     if (position - 1) % world == rank:
-                        self.set_aside[e.kind if isinstance(e, _SetAside) else "undecodable sample"] += 1
+                        self.set_aside[set_aside_reason(e)] += 1
                     continue
                 first = first or sample
                 if index % world == rank:

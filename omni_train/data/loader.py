@@ -112,6 +112,11 @@ class _SetAside(Exception):
         self.kind = kind
 
 
+def set_aside_reason(error: Exception) -> str:
+    """The reason a bad sample is counted under: its _SetAside kind, or "undecodable sample" for anything else."""
+    return error.kind if isinstance(error, _SetAside) else "undecodable sample"
+
+
 class Speech(enum.StrEnum):
     """What a stage needs of each sample's speech (declared by its recipe, omni_train/train/recipes)."""
 
@@ -228,7 +233,7 @@ class SlotStream:
 
     def _set_aside(self, skipped: dict[str, int], source: str, error: Exception) -> None:
         """Count a bad sample under its source and reason; more than max_bad_samples in a row stop the run."""
-        reason = f"{source}: {error.kind if isinstance(error, _SetAside) else 'undecodable sample'}"
+        reason = f"{source}: {set_aside_reason(error)}"
         skipped[reason] = skipped.get(reason, 0) + 1
         self.bad_in_a_row += 1
         if self.bad_in_a_row > self.max_bad_samples:

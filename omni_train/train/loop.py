@@ -9,8 +9,9 @@ Owns the order of a run, in parts that read top to bottom:
 - `train_step`: one optimizer step, its loss normalised by the step's units (label tokens, codec targets or
   triplets) summed over ranks and accumulation steps; tests and benchmarks call this same function;
 - `finish`: the export and `summary.json`.
-`run` strings them together, with evaluations (omni_train/train/evaluate.py) and checkpoints between steps. Stages differ in config and in their recipe
-(omni_train/train/recipes), never in a copy of this loop, and the loop has no branch on the objective.
+`run` strings them together, with evaluations (omni_train/train/evaluate.py) and checkpoints between steps.
+Stages differ in config and in their recipe (omni_train/train/recipes), never in a copy of this loop, and the loop
+has no branch on the objective.
 """
 
 from __future__ import annotations
