@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         commands.add_parser(name, help=text, add_help=False)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]  # `omni-train stage=sft ...`: overrides, not a command
-    args, rest = parser.parse_known_args(argv[:1])
+    args = parser.parse_args(argv[:1])
     sys.exit(COMMANDS[args.command][0](argv[1:]))
 
 

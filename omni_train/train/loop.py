@@ -312,8 +312,8 @@ def finish(run: Run) -> dict:
         "local_params_per_rank": run.local_params,
         "packing_efficiency": run.real_tokens / run.capacity if run.capacity else None,
         "mixture": _shares(run.mixture),
-        **({"first_eval_loss": run.evals[min(run.evals)], "last_eval_loss": run.evals[max(run.evals)]}
-           if run.evals else {}),
+        # as first_loss / last_loss: the evaluations before step 1 and after the last step (None after a resume)
+        **({"first_eval_loss": run.evals.get(0), "last_eval_loss": run.evals.get(t.max_steps)} if run.evals else {}),
         **({"best_eval": run.best} if run.best else {}),
         "objective": str(cfg.stage.objective),
         **run.recipe.summary(run.history, run.start_step + 1, t.max_steps),
