@@ -120,6 +120,67 @@ def test_an_eval_without_sources_is_one_line(tiny_export, tmp_path):
     assert done.returncode == 2 and "eval.sources is empty" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_answers_are_what_the_trained_forward_predicts_and_score_zero_against_themselves(tiny_export, sample_corpus,
+                                                                                        tmp_path):
+    """`omni-train eval --answers`: transformers' greedy generate from our data path's inputs (speech, an image,
+    video with and without its audio, speech with an image over two turns, text). Each answer token is the argmax of
+    the forward training runs (our media embedding and our TMRoPE positions, the answer continuing as text) on the
+    prompt and the answer so far, and those logits are transformers' forward's on the same inputs (its own
+    positions); a random model scores badly against the references, and perfectly against its own answers put in
+    their place."""
+    from omni_train.model.build import build_thinker
+    from omni_train.model.media import MediaEmbedder
+    from omni_train.model.talker import response_span
+    from omni_train.tokenizer import load_tokenizer
+    from omni_train.tools.answers import answers_task, load_thinker
+    from omni_train.tools.conversation import prepare_sample, sample_inputs
+    from tests.helpers.models import tiny_model_config
+
+    picks = ["speech-000", "image-000", "video-000", "video-001", "mixed-000", "text-00000"]
+    records = {json.loads(line)["id"]: json.loads(line) for line in sample_corpus.read_text().splitlines()}
+    manifest = sample_corpus.with_name("answers.jsonl")
+    manifest.write_text("".join(json.dumps(records[p]) + "\n" for p in picks))
+    done = subprocess.run([sys.executable, "-m", "omni_train.train", "eval", str(tiny_export), "--answers",
+                           str(manifest), "--max-new-tokens=6", f"--out={tmp_path / 'eval.json'}"], cwd=REPO,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    first = json.loads((tmp_path / "eval.json").read_text())["answers"]
+    assert first["samples"] == len(picks) and not first["set_aside"]
+    assert set(first["by_modality"]) == {"audio", "image", "video+video_audio", "video", "audio+image", "text"}
+    assert first["wer"] > 0.5 and first["exact_match"] == 0.0
+
+    thinker = build_thinker(tiny_model_config(path=str(tiny_export)), None).eval()
+    embed, tokenizer, served = MediaEmbedder(thinker), load_tokenizer(), load_thinker(str(tiny_export))
+    for detail in first["details"]:
+        prepared = prepare_sample(records[detail["id"]], sample_corpus.parent, tokenizer)
+        sample = prepared.sample
+        start, _ = response_span(sample.labels)
+        answer = torch.tensor(detail["answer_tokens"])
+        ids = torch.cat([sample.input_ids[:start], answer[:-1]])
+        text = sample.positions[:, :start].max() + 1 + torch.arange(len(answer) - 1)
+        positions = torch.cat([sample.positions[:, :start], text.expand(3, -1)], dim=1)
+        media = {}
+        if sample.audio:
+            media |= {"audio_features": torch.cat(sample.audio, dim=1),
+                      "audio_lengths": torch.tensor([a.shape[1] for a in sample.audio])}
+        if sample.vision:
+            media |= {"pixel_values": torch.cat(sample.vision), "grid_thw": torch.tensor(sample.grids)}
+        with torch.no_grad():
+            hidden = thinker.model.language_model(
+                inputs_embeds=embed(ids[None], **media),
+                position_ids=torch.cat([torch.arange(len(ids))[None], positions])[:, None]).last_hidden_state
+            logits = thinker.lm_head(hidden[0, start - 1:])
+            theirs = served(**sample_inputs(prepared, ids)).logits[0, start - 1:]
+        assert logits.argmax(dim=-1).tolist() == answer.tolist(), detail["id"]
+        torch.testing.assert_close(theirs, logits, rtol=1e-4, atol=1e-4, msg=detail["id"])
+
+    for p in picks:  # each conversation's reference replaced by the model's own answer
+        records[p]["messages"][-1]["content"] = next(d["answer"] for d in first["details"] if d["id"] == p)
+    manifest.write_text("".join(json.dumps(records[p]) + "\n" for p in picks))
+    again = answers_task(str(tiny_export), str(manifest), max_new_tokens=6)
+    assert again["samples"] == len(picks) and again["wer"] == 0.0 and again["exact_match"] == 1.0
+
+
 def test_the_recogniser_scores_the_right_text_better_than_shuffled_or_other_words(tmp_path):
     """pocketsphinx on espeak-ng speech (US English, 140 words a minute) of known sentences: the word error rate
     against the spoken text is below the rate against the same words shuffled (order counts) and well below the

@@ -9,9 +9,11 @@ sequence parallelism) -> Thinker SFT -> Talker SFT (codec continuation on the fr
 triplets), each stage starting from the previous stage's export, all under ZeRO-3; the last export is a full
 Qwen2.5-Omni (Thinker, Talker, Token2Wav, spk_dict.pt) that transformers' `Qwen2_5OmniForConditionalGeneration`
 loads. Every 8th conversation of each manifest is held out: every stage is evaluated on its held-out share before
-its first step, every few steps and after its last (`eval_loss` first and last in each stage's summary); the final
-model speaks the held-out triplets' replies and a recogniser scores them (`speech` in the summary: word error rate
-and pause penalty); `outputs/demo/report/` holds the curves of all stages (`omni-train report`).
+its first step, every few steps and after its last (`eval_loss` first and last in each stage's summary); each Thinker
+stage's export answers the held-out media and text conversations greedily (`answers` in the summary: word error rate
+and exact match against the references, per modality); the final model speaks the held-out triplets' replies and a
+recogniser scores them (`speech` in the summary: word error rate and pause penalty); `outputs/demo/report/` holds
+the curves of all stages (`omni-train report`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from launch.cli import launch
 from omni_train.config.compose import compose
 from omni_train.files import write_json_atomic, write_text_atomic
+from omni_train.tools.answers import answers_task
 from omni_train.tools.report import write as report
 from omni_train.tools.speech import speech_task
 from omni_train.tools.tiny_sources import write_tiny_sources
@@ -33,6 +36,7 @@ MEDIA = "{name:media,path:outputs/demo/shards/media,weight:%s}"
 TEXT = "{name:text,path:outputs/demo/shards/text,weight:%s}"
 TRIPLETS = "[{name:triplets,path:outputs/demo/shards/triplets}]"
 HELD_OUT = 8  # every 8th conversation of each manifest is held out for evaluation
+THINKER_STAGES = ("stage1_align", "stage2_multimodal", "stage3_long", "sft")
 EVAL_THINKER = "eval.sources=[{name:media,path:outputs/demo/heldout/media},{name:text,path:outputs/demo/heldout/text}]"
 EVAL_TALKER = "eval.sources=[{name:triplets,path:outputs/demo/heldout/triplets}]"
 STAGES = [
@@ -132,6 +136,14 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"omni-demo: stage {stage} failed with exit code {code}; its logs are in {run_dir}")
         summary["stages"][stage] = json.loads((run_dir / "summary.json").read_text())
         start = [f"model.path={run_dir / 'export'}"]
+    held = manifest.with_name("thinker.heldout.jsonl")  # the held-out media and text conversations
+    write_text_atomic(held, "".join(manifest.with_name(f"{n}.heldout.jsonl").read_text() for n in ("media", "text")))
+    summary["answers"] = {}
+    for stage in THINKER_STAGES:
+        answers = answers_task(str(out / stage / "export"), str(held), max_new_tokens=32)
+        summary["answers"][stage] = {k: answers[k] for k in ("samples", "wer", "exact_match", "by_modality")}
+        print(f"omni-demo: {stage}'s Thinker answers {answers['samples']} held-out conversations: word error rate "
+              f"{answers['wer']:.3f}, exact match {answers['exact_match']:.3f}", flush=True)
     summary["speech"] = speak(out / "talker_dpo" / "export", out / "speech.wav")
     print("omni-demo: the final model speaks the held-out replies; pocketsphinx transcribes them", flush=True)
     spoken = speech_task(str(out / "talker_dpo" / "export"), str(manifest.with_name("triplets.heldout.jsonl")),

@@ -1,10 +1,13 @@
-"""`omni-train eval MODEL [OVERRIDES] [--speech MANIFEST]`: measure a saved model, write `eval.json`.
+"""`omni-train eval MODEL [OVERRIDES] [--answers MANIFEST] [--speech MANIFEST]`: measure a saved model, write
+`eval.json`.
 
 MODEL is an export or a training checkpoint (RUN_DIR/checkpoints/step_N). With `eval.sources`, the held-out loss
 of the objective of `stage` (omni_train/train/evaluate.py: per source and condition, the same for any number of
-ranks); with `--speech`, a full model speaks the last replies of a manifest and a recogniser scores them
-(omni_train/tools/speech.py: word error rate, pause penalty). One process by default; under torchrun every rank
-takes its share of the held-out loss.
+ranks); with `--answers` (an export), the Thinker answers the conversations of a manifest greedily and its answers
+are scored against the last assistant turns (omni_train/tools/answers.py: word error rate, exact match, per
+modality); with `--speech` (a full export), the model speaks the last replies of a manifest and a recogniser
+scores them (omni_train/tools/speech.py: word error rate, pause penalty). One process by default; under torchrun
+every rank takes its share of the held-out loss, and the first rank alone runs the tasks.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from omni_train.errors import ConfigError
 
@@ -23,6 +27,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("model", help="an export or a training checkpoint (RUN_DIR/checkpoints/step_N)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (stage=..., eval.sources=..., data.max_len=...)")
     parser.add_argument("--out", default="eval.json", help="where to write the metrics (default: eval.json)")
+    parser.add_argument("--answers", metavar="MANIFEST", help="the Thinker answers the conversations of this JSONL "
+                        "manifest greedily; WER and exact match against their last replies (omni_train/tools/answers.py)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer at most (default: 64)")
     parser.add_argument("--speech", metavar="MANIFEST", help="a full model (with its Talker) speaks the last replies "
                         "of this JSONL manifest; a recogniser scores them (omni_train/tools/speech.py)")
     parser.add_argument("--asr", default="pocketsphinx", help="pocketsphinx (default), thinker or a Whisper "
@@ -38,9 +45,19 @@ def main(argv: list[str]) -> int:
     first = int(os.environ.get("RANK", "0")) == 0
     try:
         cfg = compose([*args.overrides, f"model.path={args.model}", "trainer.export=false"])
-        if not cfg.eval.sources and not args.speech:
+        if not cfg.eval.sources and not args.speech and not args.answers:
             raise ConfigError("eval.sources is empty: name the held-out shard sets, e.g. "
-                              "'eval.sources=[{name:held,path:DIR}]' (or give --speech MANIFEST)")
+                              "'eval.sources=[{name:held,path:DIR}]' (or give --answers or --speech MANIFEST)")
+        for manifest in (args.answers, args.speech):
+            if manifest and not Path(manifest).is_file():
+                raise ConfigError(f"{manifest}: no such manifest (a JSONL file of conversations)")
+        if (args.answers or args.speech) and not (Path(args.model) / "config.json").is_file():
+            raise ConfigError(f"{args.model} has no config.json: --answers and --speech read an export "
+                              "(RUN_DIR/export), not a training checkpoint")
+        if args.answers and first:
+            from omni_train.tools.answers import answers_task
+
+            metrics["answers"] = answers_task(args.model, args.answers, args.max_new_tokens)
         if args.speech and first:
             # Before any ZeRO-3 construction: once DeepSpeed's zero.Init has run in a process, transformers'
             # from_pretrained may come out partitioned.
@@ -57,9 +74,18 @@ def main(argv: list[str]) -> int:
         return 2
     if first:
         write_json_atomic(args.out, {"model": args.model, "objective": str(cfg.stage.objective), **metrics})
-        print(json.dumps({k: v for k, v in metrics.items() if k != "speech"} | (
-            {"speech/wer": metrics["speech"]["wer"]} if "speech" in metrics else {}), indent=2))
+        print(json.dumps(headline(metrics), indent=2))
     from omni_train.train.distributed import shutdown
 
     shutdown()
     return 0
+
+
+def headline(metrics: dict) -> dict:
+    """The figures to print: the held-out losses, and each task's summary without its per-sample details."""
+    out = {k: v for k, v in metrics.items() if k not in ("answers", "speech")}
+    if "answers" in metrics:
+        out.update({f"answers/{k}": metrics["answers"][k] for k in ("samples", "wer", "exact_match")})
+    if "speech" in metrics:
+        out.update({f"speech/{k}": metrics["speech"][k] for k in ("samples", "wer", "pause_penalty")})
+    return out

@@ -26,8 +26,6 @@ build` turns into shards.
 from __future__ import annotations
 
 import argparse
-import copy
-import io
 import json
 import sys
 from pathlib import Path
@@ -35,9 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.chatml import SampleError, media_parts
+from data_prep.chatml import SampleError
 from omni_train.files import write_text_atomic
 from omni_train.tokens import IGNORE
+from omni_train.tools.conversation import absolute_media, prepare_sample
 from omni_train.tools.scorers import Score, intelligibility, make_asr, pause_check
 
 def wer_scorer(args, model, tokenizer):
@@ -56,28 +55,6 @@ def pause_scorer(args, model, tokenizer):
 
 
 SCORERS = {"wer": wer_scorer, "pauses": pause_scorer}
-
-
-def _sample_of(record: dict, base: Path, tokenizer):
-    """One conversation through the training data path (omni-prep's prepare, then the loader's decode; json and
-    npy members decoded as the loader's safe decoder does, never pickle)."""
-    from data_prep.build import prepare
-    from data_prep.config import PrepConfig
-    from omni_train.data.batch import decode_sample
-
-    prepared = prepare(record.get("id", "prompt"), record, base, PrepConfig(), tokenizer)
-    raw = {k: (json.loads(v) if k == "json" else np.load(io.BytesIO(v), allow_pickle=False) if k.endswith(".npy")
-               else v) for k, v in prepared.files.items()}
-    return decode_sample(raw)
-
-
-def _absolute_media(messages: list[dict], base: Path) -> list[dict]:
-    out = copy.deepcopy(messages)
-    for part in media_parts(out):
-        ref = part[part["type"]]
-        if isinstance(ref, str) and not Path(ref).is_absolute() and "://" not in ref:
-            part[part["type"]] = str((base / ref).resolve())
-    return out
 
 
 def sample_codes(talker, prompt, pad_embed: torch.Tensor, k: int, max_codes: int, top_k: int, top_p: float,
@@ -171,7 +148,7 @@ def build_pairs(args) -> dict:
     for n, record in enumerate(records):
         rid = record.get("id", f"prompt-{n}")
         try:
-            sample = _sample_of(record, base, tokenizer)
+            sample = prepare_sample(record, base, tokenizer).sample
         except (SampleError, ValueError) as e:
             set_aside.append({"id": rid, "reason": str(e)})
             continue
@@ -186,7 +163,7 @@ def build_pairs(args) -> dict:
         scored.sort(key=lambda x: x[0].value)
         (best, chosen), (worst, rejected) = scored[0], scored[-1]
         ref = _reference_logps(objective, model, batch, chosen, rejected)
-        triplets.append({"id": rid, "messages": _absolute_media(record["messages"], base),
+        triplets.append({"id": rid, "messages": absolute_media(record["messages"], base),
                          "use_audio_in_video": bool(record.get("use_audio_in_video", False)),
                          "speech": {"chosen": chosen.tolist(), "rejected": rejected.tolist(), "speaker": speaker,
                                     "ref_logps": ref},

@@ -44,18 +44,26 @@ def pause_check(wave: np.ndarray, text: str, max_pause: float) -> tuple[float, d
     return penalty, {"longest_pause_s": pause, "seconds": seconds}
 
 
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Word-level Levenshtein distance / reference words (case and punctuation ignored)."""
-    def words(s: str) -> list[str]:
-        return "".join(c.lower() if c.isalnum() or c.isspace() else " " for c in s).split()
+def normal_words(text: str) -> list[str]:
+    """The words of `text`, lower-cased, punctuation taken as a word break: what WER and exact match compare."""
+    return "".join(c.lower() if c.isalnum() or c.isspace() else " " for c in text).split()
 
-    ref, hyp = words(reference), words(hypothesis)
+
+def word_edits(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(word-level Levenshtein distance, reference words), over `normal_words`."""
+    ref, hyp = normal_words(reference), normal_words(hypothesis)
     row = list(range(len(hyp) + 1))
     for i, r in enumerate(ref, 1):
         prev, row[0] = row[0], i
         for j, h in enumerate(hyp, 1):
             prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1] / max(len(ref), 1)
+    return row[-1], len(ref)
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level Levenshtein distance / reference words (case and punctuation ignored)."""
+    edits, words = word_edits(reference, hypothesis)
+    return edits / max(words, 1)
 
 
 class ThinkerAsr:
@@ -69,6 +77,7 @@ class ThinkerAsr:
         from data_prep.chatml import encode
         from data_prep.layout import Media
         from omni_train.data.features import log_mel
+        from omni_train.tools.conversation import greedy_answer, thinker_inputs
 
         audio = _resample(wave, rate, 16_000)
         messages = [{"role": "user", "content": [{"type": "audio", "audio": "clip"},
@@ -76,12 +85,8 @@ class ThinkerAsr:
                     {"role": "assistant", "content": "x"}]
         enc = encode(messages, self.tokenizer, [Media("audio", audio_samples=audio.size)])
         prompt = int(np.nonzero(enc["labels"] != IGNORE)[0][0])
-        features = log_mel(audio)
-        ids = torch.from_numpy(enc["input_ids"][:prompt])[None]
-        out = self.model.thinker.generate(input_ids=ids, input_features=features[None],
-                                          feature_attention_mask=torch.ones(1, features.shape[1], dtype=torch.long),
-                                          max_new_tokens=self.max_new_tokens, do_sample=False)
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        inputs = thinker_inputs(torch.from_numpy(enc["input_ids"][:prompt]), [log_mel(audio)])
+        return greedy_answer(self.model.thinker, self.tokenizer, inputs, self.max_new_tokens)[0]
 
 
 class WhisperAsr:

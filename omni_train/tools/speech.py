@@ -5,7 +5,7 @@ format, the last turn the assistant reply to speak), the Thinker reads the conve
 Talker samples one codec sequence in the training layout (omni_train/tools/pairs.py's sampler, seeded), Token2Wav
 renders it, a recogniser (omni_train/tools/scorers.py, pocketsphinx by default) transcribes it, and the word error
 rate against the reply text and the pause/duration penalty are recorded. The result: mean WER, mean pause penalty,
-mean seconds, and every sample's transcript. `omni-train eval MODEL --speech MANIFEST` and the demo run it.
+mean seconds, every sample's transcript, and the records set aside (with the reason training would give). `omni-train eval MODEL --speech MANIFEST` and the demo run it.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ def speech_task(model_dir: str, manifest: str, asr: str = "pocketsphinx", speake
                 max_codes: int = 600, max_pause: float = 0.6, seed: int = 0, limit: int = 0) -> dict:
     from transformers import Qwen2_5OmniForConditionalGeneration
 
+    from data_prep.chatml import SampleError
     from omni_train.config.schema import Objective
     from omni_train.model.talker import TalkerLM
     from omni_train.tokenizer import load_tokenizer
-    from omni_train.tools.pairs import _sample_of, render, sample_codes, spoken_reply
+    from omni_train.tools.conversation import prepare_sample
+    from omni_train.tools.pairs import render, sample_codes, spoken_reply
     from omni_train.tools.scorers import SAMPLE_RATE, intelligibility, make_asr
 
     torch.manual_seed(seed)
@@ -36,10 +38,14 @@ def speech_task(model_dir: str, manifest: str, asr: str = "pocketsphinx", speake
     voice = model.speaker_map[speaker]
     base = Path(manifest).resolve().parent
     records = [json.loads(line) for line in Path(manifest).read_text().splitlines() if line.strip()]
-    results = []
+    results, set_aside = [], []
     for n, record in enumerate(records[:limit] if limit else records):
-        _, text, prompt, pad_embed = spoken_reply(objective, _sample_of(record, base, tokenizer), speakers[speaker],
-                                                  tokenizer)
+        try:
+            sample = prepare_sample(record, base, tokenizer).sample
+        except (SampleError, ValueError) as e:
+            set_aside.append({"id": record.get("id", f"sample-{n}"), "reason": str(e)})
+            continue
+        _, text, prompt, pad_embed = spoken_reply(objective, sample, speakers[speaker], tokenizer)
         with torch.no_grad():
             (codes,), _ = sample_codes(model.talker, prompt, pad_embed, 1, max_codes, 40, 0.8, 0.9, objective.ids)
         if len(codes) == 0:
@@ -49,7 +55,7 @@ def speech_task(model_dir: str, manifest: str, asr: str = "pocketsphinx", speake
         score = intelligibility(recogniser, render(model, codes, voice), text, max_pause, rate=SAMPLE_RATE)
         results.append({"id": record.get("id", f"sample-{n}"), "text": text, **score.details})
     count = max(len(results), 1)
-    return {"asr": asr, "samples": len(results),
+    return {"asr": asr, "samples": len(results), "set_aside": set_aside,
             "wer": sum(r["wer"] for r in results) / count,
             "pause_penalty": sum(r["pause_penalty"] for r in results) / count,
             "seconds": sum(r["seconds"] for r in results) / count,
