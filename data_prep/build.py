@@ -417,6 +417,10 @@ def build(source: str, out_dir: str, cfg: PrepConfig, tokenizer_path: str | None
     elapsed = time.perf_counter() - started
     print(f"omni-prep: {index['totals']['samples']} samples in {len(index['shards'])} shards, "
           f"{index['totals']['rejected']} rejected ({out / 'rejects.jsonl'}), {elapsed:.1f} s", file=sys.stderr)
+    if not index["totals"]["samples"]:
+        raise ConfigError(f"{source} gave no sample: " + (
+            f"all {index['totals']['rejected']} records were set aside (reasons in {out / 'rejects.jsonl'})"
+            if index["totals"]["rejected"] else "it holds no record"))
     return index
 
 

@@ -23,11 +23,12 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from omni_train.config.compose import compose
 from omni_train.config.schema import Config, Launcher
-from omni_train.errors import ConfigError
+from omni_train.errors import DIVERGED, LAUNCHED, ConfigError, Diverged
 
 
 TRAIN = ["-m", "omni_train.train"]
@@ -88,7 +89,7 @@ def sbatch_script(cfg: Config, overrides: list[str]) -> str:
     run = _torchrun(la, "$SLURM_JOB_NUM_NODES", "$head_node:" + port, "$SLURM_JOB_ID", None)
     quoted = " ".join(arg if arg.startswith(("--rdzv", "--nnodes")) else shlex.quote(arg)
                       for arg in [*run, *TRAIN, *overrides])
-    env = "".join(f"export {k}={v}\n" for k, v in RDZV_ENV.items())
+    env = "".join(f"export {k}={v}\n" for k, v in {**RDZV_ENV, LAUNCHED: "1"}.items())
     env += "" if sl.gpus_per_node else "export DS_ACCELERATOR=cpu\n"
     return "\n".join(lines) + f"""
 set -euo pipefail
@@ -98,6 +99,10 @@ export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-1}}
 {env}echo "omni-launch: job $SLURM_JOB_ID on $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST)," \
     "rendezvous $head_node:{port}"
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 {quoted}
+# a diverged run's ranks end with 0 (no restart); the job ends with {DIVERGED}
+if grep -q '"ended": "diverged"' {shlex.quote(os.path.join(os.path.abspath(cfg.run_dir), "summary.json"))} 2>/dev/null; then
+    exit {DIVERGED}
+fi
 """
 
 
@@ -124,13 +129,24 @@ def _submit(cfg: Config, overrides: list[str], dry_run: bool, wait: bool) -> int
     return done.returncode
 
 
+def _world(cfg: Config) -> int | None:
+    """The number of training processes this launch starts, where the launcher settings fix it (not for an
+    elastic range or DeepSpeed's hostfile slots)."""
+    la = cfg.launcher
+    if la.name in (Launcher.local, Launcher.none):
+        return la.nproc_per_node
+    if la.elastic or la.name == Launcher.deepspeed:
+        return None
+    return la.nodes * la.nproc_per_node
+
+
 def launch(argv: list[str]) -> int:
-    from omni_train.train.loop import preflight
+    from omni_train.train.loop import ended_as, preflight
 
     overrides = [a for a in argv if a not in FLAGS]
     dry_run, wait = "--dry-run" in argv, "--wait" in argv
     cfg = compose(overrides)
-    preflight(cfg)
+    preflight(cfg, _world(cfg))
     if cfg.launcher.name == Launcher.slurm:
         return _submit(cfg, overrides, dry_run, wait)
     cmd = command(cfg, overrides)
@@ -139,10 +155,15 @@ def launch(argv: list[str]) -> int:
         return 0
     import torch
 
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **RDZV_ENV)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **RDZV_ENV, **{LAUNCHED: "1"})
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")  # say so, rather than have every rank warn that it guessed
-    return subprocess.call(cmd, env=env)
+    started = time.time()
+    code = subprocess.call(cmd, env=env)
+    summary = Path(cfg.run_dir) / "summary.json"
+    if summary.is_file() and summary.stat().st_mtime >= started and ended_as(cfg.run_dir).get("ended") == "diverged":
+        return DIVERGED  # its ranks said why in one line and ended with 0, so that torchrun did not restart them
+    return code
 
 
 def main() -> None:
@@ -158,6 +179,9 @@ def main() -> None:
     except ConfigError as e:
         print(f"omni-launch: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Diverged as e:
+        print(f"omni-launch: error: {e}", file=sys.stderr)
+        sys.exit(DIVERGED)
 
 
 if __name__ == "__main__":

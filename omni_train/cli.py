@@ -9,7 +9,9 @@
     omni-train report RUN_DIR...            PNG curves and a markdown page of runs (omni_train/tools/report.py)
 
 Owns the command table and how a training process ends: a user error is one line and exit 2; a lost peer is one
-line naming it (omni_train/train/liveness.py) and exit 3, after which a job with `launcher.max_restarts` resumes.
+line naming it (omni_train/train/liveness.py) and exit 3, after which a job with `launcher.max_restarts` resumes;
+a diverged run (trainer.max_nonfinite_steps non-finite steps in a row, or non-finite weights) is one line and exit
+4, and is not resumed by `resume=auto`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import socket
 import sys
 
-from omni_train.errors import ConfigError
+from omni_train.errors import DIVERGED, LAUNCHED, ConfigError, Diverged
 
 # What gloo and NCCL say when a peer process or node is gone or silent.
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "NCCL communicator")
@@ -49,6 +51,11 @@ def _entry(dict_cfg) -> None:
     except ConfigError as e:  # Hydra would print a trace for an exception; a user error gets one line
         print(f"omni-train: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Diverged as e:  # every rank decides alike; the first says so
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"omni-train: error: {e}", file=sys.stderr)
+        shutdown()
+        sys.exit(0 if os.environ.get(LAUNCHED) else DIVERGED)
     except (torch.distributed.DistError, RuntimeError) as e:
         if not _lost_peer(e):
             raise

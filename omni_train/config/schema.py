@@ -160,6 +160,9 @@ class TrainerConfig:
     # Keep the checkpoint with the best eval/loss beside the keep_last newest: every evaluation that improves on
     # the best saves a checkpoint; RUN_DIR/checkpoints/best.json names it. Needs eval_every.
     keep_best: bool = False
+    # A step whose loss or gradient norm is not finite (on any rank) is skipped on every rank: no change to the
+    # weights, the optimizer or the LR schedule. After this many such steps in a row the run stops (exit code 4).
+    max_nonfinite_steps: int = 3
 
 
 @dataclass

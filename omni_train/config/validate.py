@@ -26,7 +26,7 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Semantic checks that types cannot express. Raises ConfigError naming the key and the fix."""
     t, m, d, ds = cfg.trainer, cfg.model, cfg.data, cfg.deepspeed
-    for key in ("max_steps", "micro_batch_size", "grad_accum", "save_every", "keep_last"):
+    for key in ("max_steps", "micro_batch_size", "grad_accum", "save_every", "keep_last", "max_nonfinite_steps"):
         _check(getattr(t, key) > 0, f"trainer.{key}={getattr(t, key)} must be a positive integer")
     _check(t.lr > 0, f"trainer.lr={t.lr} must be positive")
     _check(0 <= t.min_lr_ratio <= 1, f"trainer.min_lr_ratio={t.min_lr_ratio} must lie in [0, 1]")

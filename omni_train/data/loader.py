@@ -373,6 +373,37 @@ class RankLoader:
         self.next_slot = state["next_slot"]
 
 
+def check_sources(sources, tokenizer, key: str = "data.sources") -> None:
+    """Before any process starts: every source resolves to shards. A build directory must hold its index.json
+    (made with `tokenizer`), at least one sample, and every shard its index lists; a glob or brace list must match
+    a shard; URLs are taken as given (the loader sets an unreadable shard aside). One ConfigError naming the source."""
+    from data_prep.build import load_index
+
+    for source in sources:
+        where = f"{key} {source.name} ({source.path})"
+        path = Path(source.path)
+        if path.is_dir():
+            if not (path / "index.json").is_file():
+                unfinished = " (an unfinished build: run the same omni-prep build again to finish it)" if (
+                    path / "_progress.jsonl").is_file() else ""
+                raise ConfigError(f"{where} has no index.json{unfinished}: prepare it with "
+                                  f"`omni-prep build SOURCE {source.path}`")
+            index = load_index(path, tokenizer)
+            if not index["totals"]["samples"]:
+                raise ConfigError(f"{where} holds no sample: its build set every record aside (reasons in "
+                                  f"{path / 'rejects.jsonl'})")
+            absent = [s["name"] for s in index["shards"] if not (path / s["name"]).is_file()]
+            if absent:
+                raise ConfigError(f"{where} lacks {len(absent)} shard(s) its index.json lists, e.g. {absent[0]}: "
+                                  "copy the whole build directory")
+        elif "://" not in source.path and not source.path.startswith("pipe:"):
+            try:
+                _expand(source.path)
+            except ConfigError:
+                raise ConfigError(f"{where} is neither a build directory nor a pattern that matches shard files: "
+                                  f"give omni-prep build's output directory") from None
+
+
 def check_speech(sources, need: Speech) -> None:
     """Before a Talker stage starts: every source whose index.json is at hand holds samples with the speech the
     stage needs, else one line naming it (without this, every sample would be set aside, one by one)."""

@@ -247,9 +247,6 @@ def load_weights(model: nn.Module, plan: dict[str, Source], unexpected: list[str
     from safetensors import safe_open
 
     params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
-    missing = sorted(n for n in params if n not in plan and not n.startswith(fresh))
-    unexpected = sorted(unexpected + [k for k in plan if k not in params and k not in buffers])
     handles: dict[Path, Any] = {}
 
     def handle(file: Path):
@@ -257,17 +254,7 @@ def load_weights(model: nn.Module, plan: dict[str, Source], unexpected: list[str
             handles[file] = safe_open(file, framework="pt")
         return handles[file]
 
-    def shape(name: str) -> tuple[int, ...]:
-        source = plan[name]
-        dims = list(handle(source.file).get_slice(source.key).get_shape())
-        dims[0] //= source.parts
-        return tuple(dims)
-
-    wrong = [f"{n}: {shape(n)} in the checkpoint, {tuple(getattr(p, 'ds_shape', p.shape))} in the model"
-             for n, p in params.items() if n in plan and shape(n) != tuple(getattr(p, "ds_shape", p.shape))]
-    if missing or unexpected or wrong:
-        raise ConfigError(f"checkpoint {origin} does not match the model: missing {_few(missing)}, unexpected "
-                          f"{_few(unexpected)}, wrong shapes {_few(wrong)}")
+    _check_plan(model, plan, unexpected, origin, fresh, handle)
     rank = dist.rank()
 
     def tensor(name: str) -> torch.Tensor:
@@ -287,6 +274,77 @@ def load_weights(model: nn.Module, plan: dict[str, Source], unexpected: list[str
                         p.data.copy_(tensor(name).to(p.dtype))
             for name, b in own_buffers.items():
                 b.copy_(tensor(name).to(b.dtype))
+
+
+def _check_plan(model: nn.Module, plan: dict[str, Source], unexpected: list[str], origin: str,
+                fresh: tuple[str, ...], handle) -> None:
+    """Every parameter of `model` in `plan` (unless `fresh`), every planned tensor in the model, with the model's
+    shape (read from the safetensors headers through `handle(file)`); else one ConfigError listing what differs."""
+    params = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    missing = sorted(n for n in params if n not in plan and not n.startswith(fresh))
+    unexpected = sorted(unexpected + [k for k in plan if k not in params and k not in buffers])
+
+    def shape(name: str) -> tuple[int, ...]:
+        source = plan[name]
+        dims = list(handle(source.file).get_slice(source.key).get_shape())
+        dims[0] //= source.parts
+        return tuple(dims)
+
+    wrong = [f"{n}: {shape(n)} in the checkpoint, {want} in the model"
+             for n, want in params.items() if n in plan and shape(n) != want]
+    if missing or unexpected or wrong:
+        raise ConfigError(f"checkpoint {origin} does not match the model: missing {_few(missing)}, unexpected "
+                          f"{_few(unexpected)}, wrong shapes {_few(wrong)}")
+
+
+def check_checkpoint(cfg: ModelConfig, talker: bool = False) -> None:
+    """Before any process starts: `model.path` (a Hugging Face directory; this framework's own training checkpoints
+    are trusted) holds a config.json that parses and is of a Qwen2.5-Omni kind, and safetensors files whose headers
+    parse and whose tensors are those of the model the preset and that config make, name by name and shape by shape
+    (the Thinker; with `talker`, the Talker too when the checkpoint has one). Reads the headers only and builds the
+    model on the meta device. One ConfigError naming the problem otherwise."""
+    from safetensors import SafetensorError, safe_open
+    from transformers import (
+        Qwen2_5OmniTalkerForConditionalGeneration,
+        Qwen2_5OmniThinkerForConditionalGeneration,
+    )
+
+    if cfg.path is None or is_deepspeed_checkpoint(cfg.path):
+        return
+    path = Path(cfg.path)
+    if not path.is_dir():
+        raise ConfigError(f"model.path={path} is not a directory: give a Hugging Face checkpoint directory (an "
+                          "export, the released Qwen2.5-Omni) or a complete training checkpoint")
+    try:
+        config = omni_config(cfg)
+    except (ValueError, TypeError, KeyError) as e:  # json's errors are ValueErrors; transformers' config checks too
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"model.path={path}: its config.json cannot be read as a Qwen2.5-Omni config "
+                          f"({type(e).__name__}: {str(e)[:200]})") from None
+    handles: dict[Path, Any] = {}
+
+    def handle(file: Path):
+        if file not in handles:
+            handles[file] = safe_open(file, framework="pt")
+        return handles[file]
+
+    try:
+        with torch.device("meta"), _transformers_log_level(logging.ERROR):
+            thinker = Qwen2_5OmniThinkerForConditionalGeneration(config.thinker_config)
+            _check_plan(thinker, *keymap.released(path), str(path), (), handle)
+            plan = keymap.part(path, keymap.TALKER) if talker else {}
+            if plan:
+                _check_plan(Qwen2_5OmniTalkerForConditionalGeneration(config.talker_config), plan, [], str(path), (),
+                            handle)
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"model.path={path}: its weights cannot be read ({type(e).__name__}: {str(e)[:200]}); "
+                          "the files are truncated or not safetensors: copy or export them again") from None
+    if talker and not plan and config.talker_config.embedding_size != config.thinker_config.text_config.hidden_size:
+        raise ConfigError(f"model.path={path} is a Thinker of hidden size {config.thinker_config.text_config.hidden_size}"
+                          f" but model={cfg.preset}'s Talker reads states of size {config.talker_config.embedding_size}:"
+                          " choose the model preset the Thinker was trained with")
 
 
 def _few(names: list[str], limit: int = 20) -> list[str] | str:

@@ -80,6 +80,18 @@ def save(engine, run_dir: str, step: int, loader_state: dict, keep_last: int, ex
     return ckpt
 
 
+def check_world_size(ckpt: Path, world: int, state: dict | None = None) -> None:
+    """A checkpoint resumes only on as many ranks as wrote it (`state`: its run state, read from rank 0's file
+    when not given)."""
+    if state is None:
+        state = json.loads((ckpt / "run_state_rank0.json").read_text())
+    if state["world_size"] != world:
+        raise ConfigError(
+            f"{ckpt} was written by {state['world_size']} ranks, this run has {world}: resume with the same world "
+            "size, or start a new run from its export with model.path=..."
+        )
+
+
 def load(engine, ckpt: Path) -> dict:
     """Restore the engine (weights, optimizer, LR schedule) and this rank's RNG; return its run state."""
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -87,11 +99,7 @@ def load(engine, ckpt: Path) -> dict:
     if not state_file.is_file():
         raise ConfigError(f"{ckpt} has no run state for rank {rank}: it was written by fewer ranks than {world}")
     state = json.loads(state_file.read_text())
-    if state["world_size"] != world:
-        raise ConfigError(
-            f"{ckpt} was written by {state['world_size']} ranks, this run has {world}: resume with the same world "
-            "size, or start a new run from its export with model.path=..."
-        )
+    check_world_size(ckpt, world, state)
     load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=True)
     if load_path is None:
         raise ConfigError(f"DeepSpeed could not load {ckpt}: its shards are missing or unreadable")

@@ -1,9 +1,10 @@
 """The training loop: one loop for every stage.
 
 Owns the order of a run, in parts that read top to bottom:
-- `preflight`: every check that needs no process group (config, the objective's recipe, `stage.trainable` against
-  the model's parameter names, the data's speech, the run directory); `omni-launch` calls it before it starts any
-  process, and every rank again at start;
+- `preflight`: every check that needs no process group (config, the objective's recipe, model.path's config and
+  weight headers against the model, `stage.trainable` against its parameter names, every data and eval source's
+  build (index, tokenizer, samples, shards), the data's speech, the run directory and the checkpoint to resume
+  from); `omni-launch` calls it before it starts any process, and every rank again at start;
 - `setup`: join the process group -> resume point -> tokenizer and data -> the recipe's module under its DeepSpeed
   engine -> restore the checkpoint -> metrics;
 - `train_step`: one optimizer step, its loss normalised by the step's units (label tokens, codec targets or
@@ -16,6 +17,7 @@ has no branch on the objective.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,15 +26,18 @@ from pathlib import Path
 import torch
 
 from omni_train.config.schema import Config
-from omni_train.errors import ConfigError
+from omni_train.errors import ConfigError, Diverged
 from omni_train.files import write_json_atomic, write_text_atomic
 from omni_train.train import checkpoint
 
 
-def preflight(cfg: Config):
-    """Check a composed config before any process group exists; returns the objective's recipe."""
+def preflight(cfg: Config, world: int | None = None):
+    """Check a composed config before any process group exists; returns the objective's recipe. `world`: the
+    number of processes the launch will start, when the launcher knows it (the checkpoint to resume from must have
+    been written by as many)."""
     from omni_train.config.validate import validate
-    from omni_train.data.loader import check_speech
+    from omni_train.data.loader import check_sources, check_speech
+    from omni_train.tokenizer import load_tokenizer
     from omni_train.train.engine import check_patterns
     from omni_train.train.recipes import recipe
 
@@ -40,13 +45,23 @@ def preflight(cfg: Config):
     chosen = recipe(cfg.stage.objective)
     chosen.check(cfg)
     check_patterns(chosen.trainable_names(cfg), list(cfg.stage.trainable))
+    tokenizer = load_tokenizer(cfg.model.path)
+    check_sources(cfg.data.sources, tokenizer)
+    check_sources(cfg.eval.sources, tokenizer, "eval.sources")
     check_speech(cfg.data.sources, chosen.speech)
-    _resume_point(cfg)
+    resume_from = _resume_point(cfg)
+    if resume_from is not None and world is not None:
+        checkpoint.check_world_size(resume_from, world)
     return chosen
 
 
 def _resume_point(cfg: Config) -> Path | None:
     if cfg.resume == "auto":
+        ended = ended_as(cfg.run_dir)
+        if ended.get("ended") == "diverged":
+            raise Diverged(f"run_dir={cfg.run_dir} diverged ({ended.get('diverged', '')}); resume=auto would repeat "
+                           "it. Resume from an earlier checkpoint with resume=PATH (after lowering trainer.lr), or "
+                           "start a new run_dir")
         return checkpoint.latest(cfg.run_dir)
     if cfg.resume != "none":
         path = Path(cfg.resume)
@@ -57,6 +72,16 @@ def _resume_point(cfg: Config) -> Path | None:
         raise ConfigError(f"run_dir={cfg.run_dir} already holds checkpoints: pass resume=auto to continue it, or "
                           "choose another run_dir")
     return None
+
+
+def ended_as(run_dir: str | os.PathLike) -> dict:
+    """How the run in `run_dir` last ended, from its summary.json ({} when it has none or it does not parse)."""
+    import json
+
+    try:
+        return json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _save_config(cfg: Config, run_dir: Path) -> dict:
@@ -87,12 +112,14 @@ def _quiet(rank: int) -> None:
 @dataclass
 class Step:
     """One optimizer step, summed over ranks: mean loss per unit, the units, the objective's metrics
-    (`module.step_metrics`) and the caller's `extra` counts."""
+    (`module.step_metrics`), the caller's `extra` counts, and whether the optimizer stepped (False: a non-finite
+    loss or gradient norm on some rank, and the step was skipped on every rank)."""
 
     loss: float
     units: float
     metrics: dict[str, float]
     extra: list[float]
+    applied: bool = True
 
 
 def train_step(engine, module, batches: list[dict], world: int, counts_data: bool = True,
@@ -105,7 +132,13 @@ def train_step(engine, module, batches: list[dict], world: int, counts_data: boo
     (units of the step): DeepSpeed's own division by accumulation steps and averaging over ranks are undone by the
     factor world x accumulation. `counts_data=False` on the ranks of a sequence-parallel group but its first (they
     read the same rows; their units and extras count once). `update=False` leaves the gradients in place instead of
-    stepping the optimizer, for a caller that inspects them (one micro-batch only)."""
+    stepping the optimizer, for a caller that inspects them (one micro-batch only).
+
+    Non-finite steps: the step's loss is all-reduced before the last backward. When it is not finite on some rank,
+    every rank backpropagates it times NaN, so the accumulated gradients are NaN everywhere and DeepSpeed's own
+    check of the global gradient norm skips the step (no weight, optimizer-state or scheduler change; gradients
+    cleared) on every rank alike; a finite loss whose gradient norm is not finite is skipped the same way.
+    `Step.applied` says which."""
     if not update and len(batches) != 1:
         raise ValueError("update=False takes exactly one micro-batch")
     local = torch.tensor([sum(module.units(b) for b in batches), *extra], dtype=torch.float64) * counts_data
@@ -113,17 +146,26 @@ def train_step(engine, module, batches: list[dict], world: int, counts_data: boo
     units = local[0].item()
     scale = world * len(batches) / max(units, 1.0)
     loss_sum = torch.zeros(1, dtype=torch.float64)
-    stats = None
-    for batch in batches:
+    stats = reduced = None
+    for i, batch in enumerate(batches):
         loss, micro_stats = engine(**batch)
-        engine.backward(loss * scale)
-        if update:
-            engine.step()
         loss_sum += loss.detach().double()
         stats = micro_stats.flatten() if stats is None else stats + micro_stats.flatten()
-    reduced = torch.cat([loss_sum, stats])
-    torch.distributed.all_reduce(reduced)
-    return Step(reduced[0].item() / max(units, 1.0), units, module.step_metrics(reduced[1:]), local[1:].tolist())
+        factor = scale
+        if i == len(batches) - 1:
+            reduced = torch.cat([loss_sum, stats])
+            torch.distributed.all_reduce(reduced)
+            if update and not math.isfinite(reduced[0].item()):
+                factor = float("nan")
+        engine.backward(loss * factor)
+        if update:
+            engine.step()
+    applied = not update or engine.was_step_applied()
+    if update and applied and not math.isfinite(reduced[0].item()):
+        raise RuntimeError("DeepSpeed stepped the optimizer on NaN gradients: this DeepSpeed does not skip a step "
+                           "whose gradient norm is not finite (omni-train needs deepspeed>=0.19 for that)")
+    return Step(reduced[0].item() / max(units, 1.0), units, module.step_metrics(reduced[1:]), local[1:].tolist(),
+                applied)
 
 
 @dataclass
@@ -153,6 +195,9 @@ class Run:
     capacity: float = 0.0
     mixture: dict[str, float] = field(default_factory=dict)
     corrupt_reported: int = 0
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
+    nonfinite_in_a_row: int = 0
+    last_finite: tuple[int, float] | None = None  # (step, loss) of the last step that updated the weights
 
     @property
     def run_dir(self) -> Path:
@@ -194,6 +239,7 @@ def setup(cfg: Config) -> Run:
     plain_config = {}
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").unlink(missing_ok=True)  # how an earlier attempt ended no longer holds
         checkpoint.remove_incomplete(cfg.run_dir)
         plain_config = _save_config(cfg, run_dir)
     torch.distributed.barrier()
@@ -210,10 +256,10 @@ def setup(cfg: Config) -> Run:
     counts = param_counts(trainee.module)
     local_params = [None] * world
     torch.distributed.all_gather_object(local_params, counts["local"])
-    start_step, best = 0, None
+    start_step, best, nonfinite = 0, None, 0
     if resume_from is not None:
         state = checkpoint.load(trainee.engine, resume_from)
-        start_step, best = state["step"], state.get("best")
+        start_step, best, nonfinite = state["step"], state.get("best"), state.get("nonfinite_steps", 0)
         loader.load_state_dict(state["loader"])
     metrics = Metrics(cfg.logging, cfg.run_dir, rank, t.max_steps, start_step, plain_config)
     warn_if_too_big(cfg, metrics.warn)
@@ -221,7 +267,7 @@ def setup(cfg: Config) -> Run:
                  f"{world} ranks, sequence parallel {t.sequence_parallel}, rows of {cfg.data.max_len} tokens")
     return Run(cfg, rank, world, recipe, trainee, loader, tokenizer, metrics, timeouts, counts, local_params,
                start_step, resume_from, counts_data=sp is None or sp.rank == 0, heldout=heldout, best=best,
-               mixture=dict.fromkeys([s.name for s in cfg.data.sources], 0.0))
+               mixture=dict.fromkeys([s.name for s in cfg.data.sources], 0.0), nonfinite_steps=nonfinite)
 
 
 def _shares(counts: dict[str, float]) -> dict[str, float]:
@@ -254,6 +300,13 @@ def _step(run: Run, step: int, micro: list) -> None:
     for name, n in zip(names, delivered):
         run.mixture[name] += n
     run.losses[step], run.history[step] = done.loss, done.metrics
+    if done.applied:
+        run.nonfinite_in_a_row, run.last_finite = 0, (step, done.loss)
+    else:
+        run.nonfinite_steps += 1
+        run.nonfinite_in_a_row += 1
+        run.metrics.warn(f"step {step}: loss {done.loss} or the gradient norm is not finite; the step is skipped on "
+                         f"every rank ({run.nonfinite_in_a_row} in a row, {t.max_nonfinite_steps} stop the run)")
     peak = torch.tensor([peak_memory_gb()])
     torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     elapsed = time.perf_counter() - started
@@ -262,11 +315,18 @@ def _step(run: Run, step: int, micro: list) -> None:
         "step": step, "loss": done.loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
         run.trainee.module.units_name: int(done.units), "tokens": int(tokens), "tokens_per_s": tokens / elapsed,
         "step_time_s": elapsed, "packing_efficiency": tokens / capacity, "peak_mem_gb": peak.item(),
-        "epoch": max(e for mb in micro for e in mb.epochs),
+        "epoch": max(e for mb in micro for e in mb.epochs), "skipped": not done.applied,
         **done.metrics,
         **{f"corrupt/{name}": n for name, n in corrupt.items()},
         **{f"mixture/{name}": share for name, share in _shares(run.mixture).items()},
     })
+    if run.nonfinite_in_a_row >= t.max_nonfinite_steps:
+        last = (f"the last finite loss was {run.last_finite[1]:.6g} at step {run.last_finite[0]}" if run.last_finite
+                else "no step of this run had a finite loss")
+        raise Diverged(f"the run diverged: steps {step - run.nonfinite_in_a_row + 1}-{step} had a non-finite loss or "
+                       f"gradient norm and were skipped (trainer.max_nonfinite_steps={t.max_nonfinite_steps}); "
+                       f"{last}. Lower trainer.lr (or raise trainer.warmup_steps) and resume from a checkpoint "
+                       "before the divergence with resume=PATH")
 
 
 def _evaluate(run: Run, step: int) -> bool:
@@ -284,27 +344,52 @@ def _evaluate(run: Run, step: int) -> bool:
     return True
 
 
+def check_finite_weights(engine, step: int, what: str, newest: Path | None) -> None:
+    """Refuse to write a checkpoint or an export (`what`) of weights that are not all finite: every rank checks its
+    own partitions of the trainable parameters and the count is all-reduced, so every rank raises Diverged alike."""
+    bad = torch.zeros(1, dtype=torch.float64)
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            if p.requires_grad:
+                local = getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
+                bad += (~torch.isfinite(local)).sum().double().cpu()
+    torch.distributed.all_reduce(bad)
+    if bad.item():
+        raise Diverged(f"after step {step}, {int(bad.item())} trainable weights are not finite: no {what} is written "
+                       f"from them; the newest checkpoint is {newest or 'none'}. Lower trainer.lr and resume from a "
+                       "checkpoint before the divergence with resume=PATH")
+
+
 def _save(run: Run, step: int) -> None:
+    check_finite_weights(run.trainee.engine, step, "checkpoint", run.last_checkpoint)
     with run.timeouts.unequal_work():
         kept = (run.best["step"],) if run.best else ()
         run.last_checkpoint = checkpoint.save(run.trainee.engine, run.cfg.run_dir, step, run.loader.state_dict(),
-                                              run.cfg.trainer.keep_last, {"best": run.best}, protect=kept)
+                                              run.cfg.trainer.keep_last,
+                                              {"best": run.best, "nonfinite_steps": run.nonfinite_steps},
+                                              protect=kept)
     if run.best and run.rank == 0:
         best = checkpoint.tag(run.best["step"])
         write_json_atomic(run.run_dir / "checkpoints" / "best.json", {**run.best, "checkpoint": best})
 
 
-def finish(run: Run) -> dict:
-    """The export (when configured) and the stage summary, written by rank 0; returned on every rank."""
+def finish(run: Run, diverged: Diverged | None = None) -> dict:
+    """The export (when configured, and not after a divergence) and the stage summary, written by rank 0; returned
+    on every rank. `ended` says how the run ended: `completed`, or `diverged` with the reason."""
     cfg, t = run.cfg, run.cfg.trainer
-    if t.export:
+    if t.export and diverged is None:
+        check_finite_weights(run.trainee.engine, t.max_steps, "export", run.last_checkpoint)
         with run.timeouts.unequal_work():
             run.trainee.export(run.run_dir / "export", run.tokenizer)
     summary = {
+        "ended": "completed" if diverged is None else "diverged",
+        **({"diverged": str(diverged)} if diverged is not None else {}),
         "steps": t.max_steps,
         "resumed_from_step": run.start_step,
         "first_loss": run.losses.get(1),
         "last_loss": run.losses.get(t.max_steps),
+        "last_finite_step": run.last_finite[0] if run.last_finite else None,
+        "nonfinite_steps": run.nonfinite_steps,
         "trainable_params": run.counts["trainable"],
         "total_params": run.counts["total"],
         "world_size": run.world,
@@ -318,7 +403,7 @@ def finish(run: Run) -> dict:
         "objective": str(cfg.stage.objective),
         **run.recipe.summary(run.history, run.start_step + 1, t.max_steps),
         "checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None,
-        "export": str(run.run_dir / "export") if t.export else None,
+        "export": str(run.run_dir / "export") if t.export and diverged is None else None,
     }
     if run.rank == 0:
         write_json_atomic(run.run_dir / "summary.json", summary)
@@ -327,20 +412,27 @@ def finish(run: Run) -> dict:
 
 
 def run(cfg: Config) -> dict:
-    """Train one stage as configured; every rank calls it. Returns the stage summary (on every rank)."""
+    """Train one stage as configured; every rank calls it. Returns the stage summary (on every rank); raises
+    Diverged (after writing the summary) when the run diverged."""
     r = setup(cfg)
     t = cfg.trainer
     batches = iter(r.loader)
     r.trainee.engine.train()
-    if t.eval_every and r.start_step == 0:
-        _evaluate(r, 0)  # where the stage starts from
-    for step in range(r.start_step + 1, t.max_steps + 1):
-        _step(r, step, [next(batches) for _ in range(t.grad_accum)])
-        if step == r.start_step + 1:
-            r.timeouts.steps()  # the first step's lazy allocations are behind: a silent peer is a lost one now
-        best = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps) and _evaluate(r, step)
-        if best or step % t.save_every == 0 or step == t.max_steps:
-            _save(r, step)
+    try:
+        if t.eval_every and r.start_step == 0:
+            _evaluate(r, 0)  # where the stage starts from
+        for step in range(r.start_step + 1, t.max_steps + 1):
+            _step(r, step, [next(batches) for _ in range(t.grad_accum)])
+            if step == r.start_step + 1:
+                r.timeouts.steps()  # the first step's lazy allocations are behind: a silent peer is a lost one now
+            best = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps) and _evaluate(r, step)
+            if best or step % t.save_every == 0 or step == t.max_steps:
+                _save(r, step)
+    except Diverged as e:
+        batches.close()
+        r.metrics.close()
+        finish(r, e)
+        raise
     batches.close()  # stop the decoding workers now rather than at garbage collection
     r.metrics.close()
     return finish(r)

@@ -27,6 +27,9 @@ class TalkerRecipe:
         ):
             if not ok:
                 raise ConfigError(message)
+        from omni_train.model.build import check_checkpoint
+
+        check_checkpoint(cfg.model, talker=True)
 
     def trainable_names(self, cfg: Config) -> list[str]:
         from omni_train.model.build import parameter_names

@@ -13,7 +13,10 @@ class ThinkerRecipe:
     speech = Speech.none
 
     def check(self, cfg: Config) -> None:
-        """Nothing beyond omni_train.config.validate."""
+        """model.path's config and weight headers against the model (omni_train.model.build.check_checkpoint)."""
+        from omni_train.model.build import check_checkpoint
+
+        check_checkpoint(cfg.model)
 
     def trainable_names(self, cfg: Config) -> list[str]:
         from omni_train.model.build import parameter_names
