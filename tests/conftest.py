@@ -34,6 +34,18 @@ def sample_corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def text_shards_many(sample_corpus, tmp_path_factory) -> Path:
+    """The sample corpus's text conversations in ~16 small shards (cheap to decode; more shards than slots)."""
+    from data_prep.build import build
+    from data_prep.config import from_overrides
+
+    out = tmp_path_factory.mktemp("text_many")
+    build(str(sample_corpus.with_name("text.jsonl")), str(out), from_overrides(["shard_bytes=60000", "workers=1"]),
+          progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def sample_shards(sample_corpus, tmp_path_factory) -> Path:
     """The sample corpus prepared into several shards (2 workers, 2 MB bound)."""
     from data_prep.build import build

@@ -249,3 +249,44 @@ def test_media_failures_in_a_row_count_toward_max_bad_samples(sample_shards, mon
                         max_bad_samples=7)
     with pytest.raises(ConfigError, match="8 corrupt samples in a row in source corpus .last: broken media"):
         next(iter(stream))
+
+
+@pytest.mark.parametrize("old_world, new_world", [(2, 1), (1, 2), (2, 3)])
+def test_a_new_layout_delivers_the_rest_of_the_epoch_exactly_once(text_shards_many, old_world, new_world):
+    """Ranks that stopped mid-epoch (after unequal numbers of micro-batches) hand their states to a run with
+    another number of ranks: over both runs every sample of epoch 0 is delivered exactly once, and no epoch-0
+    sample comes after the re-dealt share."""
+    shards = ShardSet.open("text", str(text_shards_many), 1.0, load_tokenizer())
+    total = json.loads((text_shards_many / "index.json").read_text())["totals"]["samples"]
+    assert len(shards.urls) >= 6
+
+    def loader(rank, world):
+        # a window of 48 samples fills ~7 rows of 256 tokens, one row per micro-batch: the ranks stop mid-window
+        return RankLoader([shards], rank, world, 0, seed=3, max_len=256, rows=1, chunk_samples=48, pad_id=PAD)
+
+    seen, states = Counter(), []
+    for rank in range(old_world):
+        old = loader(rank, old_world)
+        for n, mb in enumerate(old):
+            seen.update(i for i, e in zip(mb.ids, mb.epochs) if e == 0)
+            if n == 2 + 2 * rank:
+                break
+        states.append(json.loads(json.dumps(old.state_dict())))  # as a checkpoint holds it
+        assert states[-1]["slots"][0]["delivered"] > 0, "stopped inside a window: its rest is dealt one by one"
+    assert 0 < sum(seen.values()) < total
+    for rank in range(new_world):
+        new = loader(rank, new_world)
+        new.redeal(states)
+        after = 0  # micro-batches after the re-dealt share was consumed
+        for mb in new:
+            epoch0 = [i for i, e in zip(mb.ids, mb.epochs) if e == 0]
+            seen.update(epoch0)
+            if after:
+                assert not epoch0, "an epoch-0 sample after the re-dealt share"
+                after += 1
+                if after > 3:
+                    break
+            elif mb.state.delivered == 0 and all(
+                    p["unit"] >= len(mb.state.remainder.get(name, [])) for name, p in mb.state.positions.items()):
+                after = 1
+    assert len(seen) == total and set(seen.values()) == {1}, [k for k, v in seen.items() if v > 1][:5]

@@ -147,15 +147,19 @@ def _speech_needed(sample_id: str, chosen: bool, rejected: bool, need: Speech) -
 class Position:
     epoch: int = 0
     shard: int = 0  # index into this slot's shard list for the epoch
-    offset: int = 0  # samples of that shard already taken (all of them, when splitting by sample)
+    offset: int = 0  # samples of that shard (or remainder unit) already taken (all of them, when splitting by sample)
+    unit: int = 0  # remainder units (samples re-dealt after a change of layout, see `redeal`) already read
 
 
 class SlotReader:
-    """One source's samples for slot `slot` of `slots`, forever, from a `Position`."""
+    """One source's samples for slot `slot` of `slots`, forever, from a `Position`: first the `remainder` units
+    this slot was dealt after a change of layout (`redeal`), then epoch after epoch."""
 
-    def __init__(self, shards: ShardSet, slot: int, slots: int, seed: int, position: Position, resample: bool = False):
+    def __init__(self, shards: ShardSet, slot: int, slots: int, seed: int, position: Position, resample: bool = False,
+                 remainder: list[dict] = ()):
         self.shards, self.slot, self.slots, self.seed, self.resample = shards, slot, slots, seed, resample
         self.position = Position(**vars(position))
+        self.remainder = list(remainder)
 
     def _plan(self, epoch: int) -> tuple[list[str], bool]:
         """(this slot's shards in order, whether samples are split by index instead of by shard). In resampled
@@ -168,8 +172,44 @@ class SlotReader:
             return urls[self.slot :: self.slots], False
         return urls, True
 
+    def _units(self):
+        """The remainder: each unit is a shard's samples from index `start` whose index is `rem` modulo `mod` (and,
+        when `keys` is given, whose key is one of them), tagged with the epoch they belong to."""
+        while self.position.unit < len(self.remainder):
+            unit = self.remainder[self.position.unit]
+            keys = None if unit["keys"] is None else set(unit["keys"])
+            try:
+                for index, raw in enumerate(_read_shard(unit["url"])):
+                    if index < max(self.position.offset, unit["start"]):
+                        continue
+                    self.position.offset = index + 1
+                    if index % unit["mod"] != unit["rem"] or (keys is not None and raw["__key__"] not in keys):
+                        continue
+                    yield unit["epoch"], raw, None
+            except Exception as e:  # noqa: BLE001 - as in an epoch: an unreadable tar ends that unit
+                self.position.unit, self.position.offset = self.position.unit + 1, 0
+                yield unit["epoch"], None, f"unreadable shard ({type(e).__name__}: {e})"
+                continue
+            self.position.unit, self.position.offset = self.position.unit + 1, 0
+
+    def pending(self) -> list[dict]:
+        """The units of samples this reader has not yielded yet in its current epoch (the rest of its remainder, the
+        rest of the shard it is in, the shards after it): what `redeal` hands to the slots of a new layout."""
+        units = [dict(u) for u in self.remainder[self.position.unit:]]
+        if units:
+            units[0]["start"] = max(units[0]["start"], self.position.offset)
+            return units + self._epoch_units(self.position.epoch, 0, 0)
+        return self._epoch_units(self.position.epoch, self.position.shard, self.position.offset)
+
+    def _epoch_units(self, epoch: int, shard: int, offset: int) -> list[dict]:
+        urls, by_sample = self._plan(epoch)
+        mod, rem = (self.slots, self.slot) if by_sample else (1, 0)
+        return [{"url": url, "start": offset if k == shard else 0, "mod": mod, "rem": rem, "keys": None,
+                 "epoch": epoch} for k, url in enumerate(urls) if k >= shard]
+
     def __iter__(self):
         """Yields (epoch, raw sample, None), or (epoch, None, reason) once for a shard that cannot be read on."""
+        yield from self._units()
         while True:
             urls, by_sample = self._plan(self.position.epoch)
             while self.position.shard < len(urls):
@@ -198,6 +238,7 @@ class LoaderState:
     chunk: int = 0
     delivered: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # corrupt samples set aside so far, by source: reason
+    remainder: dict[str, list[dict]] = field(default_factory=dict)  # per source, units dealt by `redeal`
 
 
 @dataclass
@@ -290,8 +331,8 @@ class SlotStream:
 
     def __iter__(self):
         state = self.state
-        readers = [SlotReader(s, self.slot, self.slots, self.seed, Position(**state.positions[s.name]), self.resample)
-                   for s in self.sources]
+        readers = [SlotReader(s, self.slot, self.slots, self.seed, Position(**state.positions[s.name]), self.resample,
+                              state.remainder.get(s.name, ())) for s in self.sources]
         streams = [iter(r) for r in readers]
         skipped = dict(state.skipped)
         while True:
@@ -301,8 +342,9 @@ class SlotStream:
             for g in range(state.delivered, len(groups)):
                 decoded, kept = self._decode_rows(groups[g], skipped)
                 last = g + 1 == len(groups)
-                after = (LoaderState(positions, draws, state.chunk + 1, 0, dict(skipped)) if last else
-                         LoaderState(state.positions, state.draws, state.chunk, g + 1, dict(skipped)))
+                after = (LoaderState(positions, draws, state.chunk + 1, 0, dict(skipped), state.remainder) if last
+                         else LoaderState(state.positions, state.draws, state.chunk, g + 1, dict(skipped),
+                                          state.remainder))
                 flat = [s for row in decoded for s in row]
                 yield MicroBatch(
                     batch=collate_packed(decoded, self.max_len, self.pad_id),
@@ -311,6 +353,24 @@ class SlotStream:
                     real_tokens=sum(len(s) for s in flat), capacity=len(groups[g]) * self.max_len, state=after,
                 )
             state = after
+
+
+    def pending(self) -> tuple[list[dict], dict[str, tuple[list[dict], int]], dict[str, int]]:
+        """What this slot has not delivered of its current epoch: (the samples of its current window not yet
+        delivered, as {"source", "url", "key", "epoch"} in window order; per source the units its readers have not
+        reached, and the epoch each reader is in; its set-aside counts). Re-reads the current window, as a resume
+        does."""
+        state = self.state
+        readers = [SlotReader(s, self.slot, self.slots, self.seed, Position(**state.positions[s.name]), self.resample,
+                              state.remainder.get(s.name, ())) for s in self.sources]
+        window = []
+        if state.delivered:
+            rows, _ = self._chunk([iter(r) for r in readers], state, dict(state.skipped))
+            groups = [rows[i : i + self.rows] for i in range(0, len(rows), self.rows)]
+            window = [{"source": source, "url": raw["__url__"], "key": raw["__key__"], "epoch": epoch}
+                      for group in groups[state.delivered:] for row in group for raw, source, epoch, _ in row]
+        return (window, {s.name: (r.pending(), r.position.epoch) for s, r in zip(self.sources, readers)},
+                dict(state.skipped))
 
 
 class _Slots(torch.utils.data.IterableDataset):
@@ -359,8 +419,53 @@ class RankLoader:
             yield mb
 
     def state_dict(self) -> dict:
-        return {"world": self.world, "workers": self.workers, "next_slot": self.next_slot,
+        return {"rank": self.rank, "world": self.world, "workers": self.workers, "next_slot": self.next_slot,
                 "slots": [None if s is None else vars(s) for s in self.states]}
+
+    def redeal(self, states: list[dict]) -> None:
+        """Continue from the loader states of every rank of a run with another layout (ranks x workers): each old
+        slot's current epoch, less what it delivered, is dealt out to the new slots, exactly once. The samples of
+        the old slots' current windows not yet delivered go round-robin, one by one; the rest of their epochs (the
+        shard each reader was in, from its offset, and the shards after it) shard by shard. Each new slot reads its
+        share first (`LoaderState.remainder`), then starts its own epochs after the latest old one. Every new rank
+        computes the same deal (re-reading each old slot's current window); the corrupt-sample counts carry over
+        to the first slot. What cannot be kept: the order within the epoch, which depends on the layout."""
+        old_workers = states[0]["workers"]
+        old_slots = states[0]["world"] * old_workers
+        windows, pieces, skipped = [], {s.name: [] for s in self.sources}, Counter()
+        last_epoch = dict.fromkeys(pieces, 0)
+        for rank_state in sorted(states, key=lambda st: st.get("rank", 0)):
+            for local, slot_state in enumerate(rank_state["slots"]):
+                stream = SlotStream(self.sources, rank_state.get("rank", 0) * old_workers + local, old_slots,
+                                    self.seed, self.max_len, self.rows, self.chunk_samples, self.pad_id,
+                                    None if slot_state is None else LoaderState(**slot_state), self.max_bad_samples,
+                                    self.resample, self.speech)
+                window, pending, set_aside = stream.pending()
+                windows += window
+                skipped.update(set_aside)
+                for name, (units, epoch) in pending.items():
+                    pieces[name] += units
+                    last_epoch[name] = max([last_epoch[name], epoch] + [u["epoch"] for u in units])
+        for item in windows:
+            last_epoch[item["source"]] = max(last_epoch[item["source"]], item["epoch"])
+        slots = self.world * self.workers
+        remainder = [{name: [] for name in pieces} for _ in range(slots)]
+        keyed: list[dict[tuple, dict]] = [{} for _ in range(slots)]
+        for t, item in enumerate(windows):  # one by one, each group of a shard's keys a unit
+            unit = keyed[t % slots].setdefault((item["source"], item["url"], item["epoch"]), {
+                "url": item["url"], "start": 0, "mod": 1, "rem": 0, "keys": [], "epoch": item["epoch"]})
+            if not unit["keys"]:
+                remainder[t % slots][item["source"]].append(unit)
+            unit["keys"].append(item["key"])
+        for name, units in pieces.items():
+            for p, unit in enumerate(units):
+                remainder[p % slots][name].append(unit)
+        self.states = []
+        for local in range(self.workers):
+            slot = self.rank * self.workers + local
+            self.states.append(LoaderState({name: vars(Position(epoch + 1)) for name, epoch in last_epoch.items()},
+                                           skipped=dict(skipped) if slot == 0 else {}, remainder=remainder[slot]))
+        self.next_slot = 0
 
     def load_state_dict(self, state: dict) -> None:
         if (state["world"], state["workers"]) != (self.world, self.workers):

@@ -80,26 +80,68 @@ def save(engine, run_dir: str, step: int, loader_state: dict, keep_last: int, ex
     return ckpt
 
 
-def check_world_size(ckpt: Path, world: int, state: dict | None = None) -> None:
-    """A checkpoint resumes only on as many ranks as wrote it (`state`: its run state, read from rank 0's file
-    when not given)."""
-    if state is None:
-        state = json.loads((ckpt / "run_state_rank0.json").read_text())
-    if state["world_size"] != world:
-        raise ConfigError(
-            f"{ckpt} was written by {state['world_size']} ranks, this run has {world}: resume with the same world "
-            "size, or start a new run from its export with model.path=..."
-        )
+def written_by(ckpt: Path) -> int:
+    """The number of ranks that wrote a checkpoint."""
+    try:
+        return int(json.loads((ckpt / "run_state_rank0.json").read_text())["world_size"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{ckpt} has no readable run state (run_state_rank0.json: {e}): it is not a checkpoint "
+                          "of this framework, or it is damaged") from None
+
+
+UNIVERSAL = "universal"  # the subdirectory a checkpoint's resharding-ready copy is written to
+
+
+def to_universal(ckpt: Path) -> Path:
+    """DeepSpeed's universal checkpoint of `ckpt` (deepspeed.checkpoint.ds_to_universal: every parameter's fp32
+    weights and optimizer moments whole, loadable by any number of ranks), written once into `ckpt/universal` by
+    rank 0 (temporary name, then rename; its console output in `ckpt/universal.log`) while the other ranks wait.
+    Reads DeepSpeed's pickled shards: only for checkpoints this framework wrote (the COMPLETE marker says so)."""
+    import argparse
+    import contextlib
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = ckpt / UNIVERSAL
+    if torch.distributed.get_rank() == 0 and not out.is_dir():
+        tmp = ckpt / f".{UNIVERSAL}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = argparse.Namespace(input_folder=str(ckpt), output_folder=str(tmp), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with open(ckpt / f"{UNIVERSAL}.log", "w") as log, contextlib.redirect_stdout(log), \
+                contextlib.redirect_stderr(log):
+            ds_to_universal(args)
+        tmp.rename(out)
+    torch.distributed.barrier()
+    return out
+
+
+def loader_states(ckpt: Path) -> list[dict]:
+    """The loader state of every data-parallel rank that wrote `ckpt` (one per rank; the ranks of a
+    sequence-parallel group hold the same one), for re-dealing the data on another layout."""
+    states = {}
+    for path in sorted(ckpt.glob("run_state_rank*.json")):
+        loader = json.loads(path.read_text())["loader"]
+        states.setdefault(loader.get("rank", int(path.stem.removeprefix("run_state_rank"))), loader)
+    return [states[r] for r in sorted(states)]
 
 
 def load(engine, ckpt: Path) -> dict:
-    """Restore the engine (weights, optimizer, LR schedule) and this rank's RNG; return its run state."""
+    """Restore the engine (weights, optimizer, LR schedule) and this rank's RNG; return its run state.
+
+    On another number of ranks than wrote it, the engine (built with DeepSpeed's `checkpoint.load_universal`)
+    loads the checkpoint's universal copy (`to_universal`): weights, AdamW moments and the schedule, resharded.
+    The run state is then rank 0's, with `resharded` set and no RNG restored (the new ranks' generators have no
+    counterpart in the old run); the data position is re-dealt by the caller from `loader_states`."""
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    state_file = ckpt / f"run_state_rank{rank}.json"
-    if not state_file.is_file():
-        raise ConfigError(f"{ckpt} has no run state for rank {rank}: it was written by fewer ranks than {world}")
-    state = json.loads(state_file.read_text())
-    check_world_size(ckpt, world, state)
+    old_world = written_by(ckpt)
+    if old_world != world:
+        universal = to_universal(ckpt)
+        load_path, _ = engine.load_checkpoint(str(ckpt), tag=universal.name, load_module_strict=True)
+        if load_path is None:
+            raise ConfigError(f"DeepSpeed could not load {universal}, the universal copy of {ckpt}")
+        return {**json.loads((ckpt / "run_state_rank0.json").read_text()), "resharded": old_world}
+    state = json.loads((ckpt / f"run_state_rank{rank}.json").read_text())
     load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=True)
     if load_path is None:
         raise ConfigError(f"DeepSpeed could not load {ckpt}: its shards are missing or unreadable")

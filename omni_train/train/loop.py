@@ -50,8 +50,8 @@ def preflight(cfg: Config, world: int | None = None):
     check_sources(cfg.eval.sources, tokenizer, "eval.sources")
     check_speech(cfg.data.sources, chosen.speech)
     resume_from = _resume_point(cfg)
-    if resume_from is not None and world is not None:
-        checkpoint.check_world_size(resume_from, world)
+    if resume_from is not None:
+        checkpoint.written_by(resume_from)  # a readable run state
     return chosen
 
 
@@ -252,6 +252,10 @@ def setup(cfg: Config) -> Run:
         from omni_train.train.evaluate import heldout_sets
 
         heldout = heldout_sets(cfg, tokenizer, dp_rank, dp_world, recipe.speech)
+    if resume_from is not None and checkpoint.written_by(resume_from) != world:
+        # another number of ranks: the engine loads DeepSpeed's universal copy of the checkpoint (resharded)
+        cfg.deepspeed.extra = {**cfg.deepspeed.extra, "checkpoint": {
+            **cfg.deepspeed.extra.get("checkpoint", {}), "load_universal": True}}
     trainee = recipe.build(cfg, world, sp)
     counts = param_counts(trainee.module)
     local_params = [None] * world
@@ -260,8 +264,16 @@ def setup(cfg: Config) -> Run:
     if resume_from is not None:
         state = checkpoint.load(trainee.engine, resume_from)
         start_step, best, nonfinite = state["step"], state.get("best"), state.get("nonfinite_steps", 0)
-        loader.load_state_dict(state["loader"])
+        saved = state["loader"]
+        if (saved["world"], saved["workers"]) == (loader.world, loader.workers):
+            loader.load_state_dict(saved)
+        else:  # another layout: the rest of each old slot's epoch is dealt out to the new slots
+            loader.redeal(checkpoint.loader_states(resume_from))
     metrics = Metrics(cfg.logging, cfg.run_dir, rank, t.max_steps, start_step, plain_config)
+    if resume_from is not None and state.get("resharded"):
+        old = state["resharded"]
+        metrics.info(f"resumed {resume_from} (written by {old} rank{'s' * (old != 1)}) on {world}: weights, optimizer "
+                     "state and schedule resharded; the rest of the epoch re-dealt to the new data slots")
     warn_if_too_big(cfg, metrics.warn)
     metrics.info(f"stage {cfg.stage.name}: {counts['trainable']:,} of {counts['total']:,} parameters train; "
                  f"{world} ranks, sequence parallel {t.sequence_parallel}, rows of {cfg.data.max_len} tokens")
