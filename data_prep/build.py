@@ -418,9 +418,11 @@ def build(source: str, out_dir: str, cfg: PrepConfig, tokenizer_path: str | None
     print(f"omni-prep: {index['totals']['samples']} samples in {len(index['shards'])} shards, "
           f"{index['totals']['rejected']} rejected ({out / 'rejects.jsonl'}), {elapsed:.1f} s", file=sys.stderr)
     if not index["totals"]["samples"]:
+        reasons = index["reject_reasons"]
+        common = max(reasons, key=reasons.get) if reasons else None
         raise ConfigError(f"{source} gave no sample: " + (
-            f"all {index['totals']['rejected']} records were set aside (reasons in {out / 'rejects.jsonl'})"
-            if index["totals"]["rejected"] else "it holds no record"))
+            f"all {index['totals']['rejected']} records were set aside, most often for \"{common}\" "
+            f"({reasons[common]}; all reasons in {out / 'rejects.jsonl'})" if common else "it holds no record"))
     return index
 
 

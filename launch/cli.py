@@ -41,7 +41,7 @@ RDZV_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def _torchrun(la, nodes: str, endpoint: str, rdzv_id: str, node_rank: int | None) -> list[str]:
-    args = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}",
+    args = [sys.executable, "-m", "launch.torchrun", f"--nnodes={nodes}",
             f"--nproc_per_node={la.nproc_per_node}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
             f"--rdzv_id={rdzv_id}", f"--max_restarts={la.max_restarts}"]
     if node_rank is not None:
@@ -57,7 +57,7 @@ def command(cfg: Config, overrides: list[str]) -> list[str]:
     """The command line that starts this machine's training processes (local, torchrun, deepspeed)."""
     la = cfg.launcher
     if la.name in (Launcher.local, Launcher.none):
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+        return [sys.executable, "-m", "launch.torchrun", "--standalone",
                 f"--nproc_per_node={la.nproc_per_node}", f"--max_restarts={la.max_restarts}", *TRAIN, *overrides]
     if la.name == "torchrun":
         return [*_torchrun(la, la.elastic or str(la.nodes), la.rdzv_endpoint, la.rdzv_id, la.node_rank), *TRAIN,
@@ -129,24 +129,20 @@ def _submit(cfg: Config, overrides: list[str], dry_run: bool, wait: bool) -> int
     return done.returncode
 
 
-def _world(cfg: Config) -> int | None:
-    """The number of training processes this launch starts, where the launcher settings fix it (not for an
-    elastic range or DeepSpeed's hostfile slots)."""
-    la = cfg.launcher
-    if la.name in (Launcher.local, Launcher.none):
-        return la.nproc_per_node
-    if la.elastic or la.name == Launcher.deepspeed:
-        return None
-    return la.nodes * la.nproc_per_node
-
-
 def launch(argv: list[str]) -> int:
     from omni_train.train.loop import ended_as, preflight
 
     overrides = [a for a in argv if a not in FLAGS]
     dry_run, wait = "--dry-run" in argv, "--wait" in argv
     cfg = compose(overrides)
-    preflight(cfg, _world(cfg))
+    saved = Path(cfg.run_dir) / "config.yaml"
+    if cfg.resume != "none" and saved.is_file():
+        from omni_train.config.compose import CURRENT, set_keys
+
+        given = [k for k in set_keys(overrides) if k not in CURRENT]
+        print(f"omni-launch: resuming with {saved}" + (f"; from the command line: {', '.join(given)}" if given else ""),
+              file=sys.stderr)
+    preflight(cfg)
     if cfg.launcher.name == Launcher.slurm:
         return _submit(cfg, overrides, dry_run, wait)
     cmd = command(cfg, overrides)

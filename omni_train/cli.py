@@ -27,6 +27,15 @@ from omni_train.errors import DIVERGED, LAUNCHED, ConfigError, Diverged
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "NCCL communicator")
 
 
+def one_line(error: ConfigError) -> str:
+    """The message of a user error; one raised in a DataLoader worker process arrives re-raised by torch with the
+    worker's traceback in its text, whose last line is the message."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    return text.strip().splitlines()[-1].split(": ", 1)[-1]
+
+
 def _lost_peer(error: Exception) -> bool:
     import torch
 
@@ -39,6 +48,7 @@ def _entry(dict_cfg) -> None:
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
+    from omni_train.config.compose import restore_saved
     from omni_train.train.distributed import shutdown
     from omni_train.train.loop import run
 
@@ -46,10 +56,10 @@ def _entry(dict_cfg) -> None:
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         cfg.run_dir = HydraConfig.get().runtime.output_dir
     try:
-        run(cfg)
+        run(restore_saved(cfg, list(HydraConfig.get().overrides.task)))
         shutdown()
     except ConfigError as e:  # Hydra would print a trace for an exception; a user error gets one line
-        print(f"omni-train: error: {e}", file=sys.stderr)
+        print(f"omni-train: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except Diverged as e:  # every rank decides alike; the first says so
         if int(os.environ.get("RANK", "0")) == 0:

@@ -25,3 +25,32 @@ def test_bad_config_fails_with_one_clear_line(override, message, text_shards, tm
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_resumed_run_keeps_its_saved_config(text_shards, tmp_path):
+    """resume=auto composes the run's saved config.yaml, not the defaults; what the command line sets goes on top;
+    a change that would break the exact continuation is refused; an earlier config.yaml is kept, not replaced."""
+    from omni_train.config.compose import compose
+    from omni_train.errors import ConfigError
+    from omni_train.train.loop import _save_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    first = compose([*data_args(text_shards), f"run_dir={run_dir}", "data.chunk_samples=16", "trainer.lr=3e-3"])
+    _save_config(first, run_dir)
+    again = compose([f"run_dir={run_dir}", "resume=auto"])
+    assert (again.data.max_len, again.data.chunk_samples, again.trainer.lr) == (256, 16, 3e-3)
+    assert again.data.sources == first.data.sources and again.resume == "auto"
+    longer = compose([f"run_dir={run_dir}", "resume=auto", "trainer.max_steps=99", "trainer.lr=1e-4",
+                      "launcher.nproc_per_node=1"])
+    assert (longer.trainer.max_steps, longer.trainer.lr, longer.launcher.nproc_per_node) == (99, 1e-4, 1)
+    assert longer.data.chunk_samples == 16
+    for override, key in (("data.max_len=1024", "data.max_len would change from 256 to 1024"),
+                          ("model=small", "model.preset would change from tiny to small"),
+                          ("stage=talker_sft", "stage.objective would change from thinker to talker_sft")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            compose([f"run_dir={run_dir}", "resume=auto", override])
+    assert compose([f"run_dir={run_dir}", "resume=auto", "data.max_len=256"]).data.max_len == 256  # unchanged: fine
+    _save_config(longer, run_dir)
+    assert "max_steps: 99" in (run_dir / "config.yaml").read_text()
+    assert "max_steps: 30" in (run_dir / "config.1.yaml").read_text(), "the earlier config is kept"

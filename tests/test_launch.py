@@ -25,7 +25,7 @@ from omni_train.errors import ConfigError
 from omni_train.train.distributed import first_host
 from omni_train.train.liveness import SURVEY_DEADLINE_S
 from tests import slurm_cluster
-from tests.conftest import REPO, data_args, free_port, launch_cmd
+from tests.conftest import REPO, data_args, free_port, launch_cmd, run_launch
 
 
 def test_torchrun_command_names_the_rendezvous_nodes_and_restarts():
@@ -275,3 +275,14 @@ def test_a_lost_node_stops_its_peers_and_the_restarted_job_resumes(failure, lost
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 24 and summary["world_size"] == 2
     assert summary["resumed_from_step"] >= 4, summary
+
+
+def test_a_failure_only_the_workers_see_ends_with_their_code_and_line(tmp_path):
+    """Shards that pass every check before launch (a pattern that matches files) but hold garbage: each rank
+    stops with the loader's one line (exit 2), and omni-launch ends with 2 without torchrun's failure report."""
+    (tmp_path / "bad-000.tar").write_bytes(b"not a tar" * 500)
+    result = run_launch(f"run_dir={tmp_path / 'run'}", f"data.sources=[{{name:bad,path:{tmp_path}/bad-*.tar}}]",
+                        "data.max_bad_samples=3", "data.max_len=256", "trainer.max_steps=4", timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "omni-train: error: 4 corrupt samples in a row in source bad" in result.stderr
+    assert "ChildFailedError" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]

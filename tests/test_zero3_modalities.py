@@ -1,4 +1,4 @@
-"""No ZeRO-3 hang when ranks hold different modalities and clip counts: 2 processes under the real engine for 30
+"""No ZeRO-3 hang when ranks hold different modalities and clip counts: 2 processes under the real engine for 15
 steps, each rank holding 2, 1 or 0 audio clips and images per micro-batch, out of phase with the other. transformers' own forward, which skips an
 absent modality's encoder, is the control: it must fail (collective mismatch) or time out, never finish."""
 
@@ -18,7 +18,7 @@ def _run(shards, out, objective, timeout):
     """Run the 2-rank job; returns its CompletedProcess, or None when it had to be killed at `timeout`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "tests.helpers.zero3_modalities", "--shards", str(shards), "--out", str(out),
-           "--objective", objective]
+           "--objective", objective, "--timeout-min", "0.5" if objective == "transformers" else "1.0"]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -36,7 +36,7 @@ def test_ranks_with_different_modalities_train_to_the_end(sample_shards, tmp_pat
     assert result is not None and result.returncode == 0, result and result.stderr[-4000:]
     for rank in (0, 1):
         losses = json.loads((tmp_path / "ours" / f"rank{rank}.json").read_text())["losses"]
-        assert len(losses) == 30 and all(loss > 0 for loss in losses)
+        assert len(losses) == 15 and all(loss > 0 for loss in losses)
 
 
 def test_control_transformers_forward_breaks_on_the_same_data(sample_shards, tmp_path):

@@ -4,9 +4,11 @@ Thinker and the real tokenizer; training, sharding, kill + resume, and export to
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 from tests.conftest import REPO, data_args, launch_cmd, run_launch
 
 STEPS = 30
+NEW_LR = 1e-4  # the peak learning rate a resume sets over the checkpoint's 3e-3
 
 
 def _args(run_dir: Path, shards: Path, *extra: str) -> list[str]:
@@ -105,8 +108,10 @@ def test_killed_run_resumes_with_the_same_losses(reference, text_shards, tmp_pat
     proc.wait()
     assert not (run_dir / "checkpoints" / f"step_{STEPS:08d}").exists(), "the run finished before it was killed"
 
-    result = run_launch(*_args(run_dir, text_shards, "resume=auto"))
+    # Only the run directory: the resumed run is the run it was (its saved config.yaml), not the defaults.
+    result = run_launch(f"run_dir={run_dir}", "resume=auto")
     assert result.returncode == 0, result.stderr[-4000:]
+    assert f"omni-launch: resuming with {run_dir / 'config.yaml'}" in result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from_step"] == 20
     resumed, uninterrupted = _losses(run_dir), _losses(reference)
@@ -129,6 +134,62 @@ def test_fresh_start_in_a_run_dir_with_checkpoints_is_refused(reference, text_sh
     result = run_launch(*_args(reference, text_shards), timeout=120)
     assert result.returncode == 2
     assert "already holds checkpoints: pass resume=auto" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def resumed(reference, text_shards, sample_shards, tmp_path_factory) -> dict[int, dict]:
+    """The reference run's last checkpoint (2 ranks) resumed through the loop's setup by 2 ranks, then 3 steps with
+    a NaN loss on rank 1 in the middle one (tests/helpers/resume_steps.py), and by 1 rank (resharded); both with a
+    new peak learning rate."""
+    ckpt = reference / "checkpoints" / f"step_{STEPS:08d}"
+    out = tmp_path_factory.mktemp("resumed")
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    results = {}
+    for ranks in (2, 1):
+        launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                        "--standalone", f"--nproc_per_node={ranks}"]
+        extra = [f"--speech={sample_shards}"] if ranks == 2 else []
+        done = subprocess.run([*launcher, "-m", "tests.helpers.resume_steps", str(out / f"{ranks}.json"), *extra,
+                               f"run_dir={out / str(ranks)}", f"resume={ckpt}", *data_args(text_shards),
+                               f"trainer.max_steps={STEPS + 5}", f"trainer.lr={NEW_LR}"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        results[ranks] = json.loads((out / f"{ranks}.json").read_text())
+    return results
+
+
+def test_a_checkpoint_of_two_ranks_resumes_on_one(reference, resumed):
+    """Resharded (DeepSpeed's universal checkpoint): every parameter's full fp32 weights and AdamW moments, the
+    AdamW step counts and the learning rate are those the 2 ranks restore themselves, bit for bit; the 1-rank
+    loader reads the re-dealt rest of the epoch (its exactly-once delivery is tests/test_loader.py's); the next
+    step trains."""
+    two, one = resumed[2], resumed[1]
+    assert two["world"] == 2 and one["world"] == 1 and one["start_step"] == two["start_step"] == STEPS
+    assert two["adam_steps"] == one["adam_steps"] == [STEPS]
+    from omni_train.train.engine import lr_lambda
+
+    # the new trainer.lr takes effect on the restored schedule (warmup 3, min ratio 0.1 as configured)
+    assert one["lr"] == two["lr"] == pytest.approx(NEW_LR * lr_lambda(STEPS, 3, STEPS + 5, 0.1), rel=1e-12)
+    assert len(one["digests"]) == len(two["digests"]) > 0
+    differ = [name for name in two["digests"] if one["digests"][name] != two["digests"][name]]
+    assert not differ, f"weights or moments differ after resharding: {differ[:5]}"
+    assert two["remainder_units"] == 0 and one["remainder_units"] > 0, "the 1-rank run reads the re-dealt epoch"
+    assert math.isfinite(one["loss"]) and math.isfinite(two["loss"])
+    assert (reference / "checkpoints" / f"step_{STEPS:08d}" / "universal").is_dir(), "converted once, beside it"
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(resumed):
+    """NaN features on rank 1 alone: both ranks skip the step with every weight partition and AdamW moment bitwise
+    unchanged and the schedule standing still; the next step trains; a non-finite weight on rank 1 stops a save on
+    both ranks."""
+    result = resumed[2]
+    assert result["refused"] == [True, True], "a non-finite weight on one rank stops the save on both"
+    first, skipped, after = result["steps"]
+    assert first["applied"] and not first["unchanged"] and math.isfinite(first["loss"]) and first["moments"] > 0
+    assert not skipped["applied"] and skipped["loss"] is not None and not math.isfinite(skipped["loss"])
+    assert skipped["unchanged"], "the skipped step changed weights or optimizer state"
+    assert after["applied"] and not after["unchanged"] and math.isfinite(after["loss"])
+    assert skipped["lr"] != first["lr"] and after["lr"] == skipped["lr"], "the schedule stands still on a skip"
 
 
 @pytest.mark.parametrize("source", ["export", "checkpoints/step_00000030"])
@@ -154,36 +215,28 @@ def test_zero3_loads_a_stage_result_exactly_and_frozen_weights_stay_bit_identica
             assert torch.equal(before[name], after[name]), name
 
 
-def test_resume_is_exact_with_decoding_worker_processes(sample_shards, tmp_path):
-    """The multimodal stream through 2 ranks x 2 DataLoader workers: a run restarted from its step-6 checkpoint
-    continues with exactly the losses of the uninterrupted run."""
-    import shutil
-
-    args = [*data_args(sample_shards, workers=2), "data.max_len=512", "trainer.max_steps=12", "trainer.save_every=6",
-            "trainer.export=false"]
-    full = tmp_path / "full"
-    result = run_launch(f"run_dir={full}", *args)
-    assert result.returncode == 0, result.stderr[-4000:]
-    restarted = tmp_path / "restarted"
-    shutil.copytree(full, restarted)
-    shutil.rmtree(restarted / "checkpoints" / "step_00000012")
-    result = run_launch(f"run_dir={restarted}", *args, "resume=auto")
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert json.loads((restarted / "summary.json").read_text())["resumed_from_step"] == 6
-    assert _losses(restarted) == _losses(full)
-
-
-def test_corrupt_shard_is_counted_per_source_and_warned_about_while_training_goes_on(sample_shards, tmp_path):
+def test_resume_is_exact_with_decoding_worker_processes_and_a_corrupt_shard(sample_shards, tmp_path):
+    """The multimodal stream through 2 ranks x 2 DataLoader workers, its first shard truncated: the lost samples
+    are counted per source and warned about while training goes on, and a run restarted from its step-4
+    checkpoint continues with exactly the losses of the uninterrupted run."""
     import shutil
 
     shards = tmp_path / "shards"
     shutil.copytree(sample_shards, shards)
     first = sorted(shards.glob("shard-*.tar"))[0]
     first.write_bytes(first.read_bytes()[: first.stat().st_size // 3])
-    run_dir = tmp_path / "run"
-    result = run_launch(f"run_dir={run_dir}", *data_args(shards), "data.max_len=512", "trainer.max_steps=6",
-                        "trainer.export=false")
+    args = [*data_args(shards, workers=2), "data.max_len=512", "trainer.max_steps=8", "trainer.save_every=4",
+            "trainer.export=false"]
+    full = tmp_path / "full"
+    result = run_launch(f"run_dir={full}", *args)
     assert result.returncode == 0, result.stderr[-4000:]
-    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    last = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["corrupt/data"] >= 1
     assert "omni-train: warning: corrupt samples set aside so far, by source: {'data':" in result.stderr
+    restarted = tmp_path / "restarted"
+    shutil.copytree(full, restarted)
+    shutil.rmtree(restarted / "checkpoints" / "step_00000008")
+    result = run_launch(f"run_dir={restarted}", *args, "resume=auto")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert json.loads((restarted / "summary.json").read_text())["resumed_from_step"] == 4
+    assert _losses(restarted) == _losses(full)

@@ -31,10 +31,8 @@ from omni_train.files import write_json_atomic, write_text_atomic
 from omni_train.train import checkpoint
 
 
-def preflight(cfg: Config, world: int | None = None):
-    """Check a composed config before any process group exists; returns the objective's recipe. `world`: the
-    number of processes the launch will start, when the launcher knows it (the checkpoint to resume from must have
-    been written by as many)."""
+def preflight(cfg: Config):
+    """Check a composed config before any process group exists; returns the objective's recipe."""
     from omni_train.config.validate import validate
     from omni_train.data.loader import check_sources, check_speech
     from omni_train.tokenizer import load_tokenizer
@@ -85,12 +83,20 @@ def ended_as(run_dir: str | os.PathLike) -> dict:
 
 
 def _save_config(cfg: Config, run_dir: Path) -> dict:
+    """RUN_DIR/config.yaml (credentials redacted); a different earlier one is kept as config.N.yaml, never
+    silently replaced."""
     from omegaconf import OmegaConf
 
     from omni_train.train.metrics import redact
 
     plain = redact(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True))
-    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(plain)))
+    text, path = OmegaConf.to_yaml(OmegaConf.create(plain)), run_dir / "config.yaml"
+    if path.is_file() and path.read_text() != text:
+        n = 1
+        while (run_dir / f"config.{n}.yaml").exists():
+            n += 1
+        path.rename(run_dir / f"config.{n}.yaml")
+    write_text_atomic(path, text)
     return plain
 
 
@@ -260,16 +266,20 @@ def setup(cfg: Config) -> Run:
     counts = param_counts(trainee.module)
     local_params = [None] * world
     torch.distributed.all_gather_object(local_params, counts["local"])
-    start_step, best, nonfinite = 0, None, 0
+    start_step, best, nonfinite, lr_changed = 0, None, 0, None
     if resume_from is not None:
         state = checkpoint.load(trainee.engine, resume_from)
         start_step, best, nonfinite = state["step"], state.get("best"), state.get("nonfinite_steps", 0)
+        lr_changed = _apply_lr(trainee.scheduler, t.lr)
         saved = state["loader"]
         if (saved["world"], saved["workers"]) == (loader.world, loader.workers):
             loader.load_state_dict(saved)
         else:  # another layout: the rest of each old slot's epoch is dealt out to the new slots
             loader.redeal(checkpoint.loader_states(resume_from))
     metrics = Metrics(cfg.logging, cfg.run_dir, rank, t.max_steps, start_step, plain_config)
+    if resume_from is not None and lr_changed is not None:
+        metrics.info(f"trainer.lr={t.lr} replaces the checkpoint's peak learning rate {lr_changed} from step "
+                     f"{start_step + 1}")
     if resume_from is not None and state.get("resharded"):
         old = state["resharded"]
         metrics.info(f"resumed {resume_from} (written by {old} rank{'s' * (old != 1)}) on {world}: weights, optimizer "
@@ -280,6 +290,20 @@ def setup(cfg: Config) -> Run:
     return Run(cfg, rank, world, recipe, trainee, loader, tokenizer, metrics, timeouts, counts, local_params,
                start_step, resume_from, counts_data=sp is None or sp.rank == 0, heldout=heldout, best=best,
                mixture=dict.fromkeys([s.name for s in cfg.data.sources], 0.0), nonfinite_steps=nonfinite)
+
+
+def _apply_lr(scheduler, lr: float) -> float | None:
+    """After a checkpoint restored the schedule: a `trainer.lr` other than the checkpoint's takes effect from the
+    next step (the schedule's shape and position are kept, its peak is the new one). Returns the replaced peak."""
+    if all(base == lr for base in scheduler.base_lrs):
+        return None
+    old = scheduler.base_lrs[0]
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    now = [lr * f(scheduler.last_epoch) for f in scheduler.lr_lambdas]
+    for group, value in zip(scheduler.optimizer.param_groups, now):
+        group["lr"] = value
+    scheduler._last_lr = now
+    return old
 
 
 def _shares(counts: dict[str, float]) -> dict[str, float]:

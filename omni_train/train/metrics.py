@@ -13,6 +13,7 @@ import re
 import sys
 from pathlib import Path
 
+from omni_train.config.compose import REDACTED
 from omni_train.config.schema import LoggingConfig
 from omni_train.files import json_safe, write_text_atomic
 
@@ -25,7 +26,7 @@ SECRET_KEY = re.compile(r"^(?:.*[_.-])?(?:api_?key|token|secret|secret_key|passw
 def redact(obj):
     """Drop values of keys that look like credentials (a wandb key must never reach a log or a saved config)."""
     if isinstance(obj, dict):
-        return {k: ("<redacted>" if SECRET_KEY.search(str(k)) else redact(v)) for k, v in obj.items()}
+        return {k: (REDACTED if SECRET_KEY.search(str(k)) else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj

@@ -58,7 +58,8 @@ def main() -> None:
     parser.add_argument("--shards", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--objective", choices=["ours", "transformers"], default="ours")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--timeout-min", type=float, default=1.0, help="how long a collective waits for a peer")
     args = parser.parse_args()
 
     from omni_train.config.compose import compose
@@ -71,7 +72,7 @@ def main() -> None:
     from omni_train.train.recipes import recipe
 
     cfg = compose(["model=tiny", "trainer.micro_batch_size=1", "trainer.warmup_steps=0", "trainer.lr=1e-3"])
-    rank, world = init_distributed(timeout_min=1.0)
+    rank, world = init_distributed(timeout_min=args.timeout_min)
     torch.manual_seed(0)
     urls = [str(p) for p in sorted(Path(args.shards).glob("shard-*.tar"))]
     # Every rank reads every shard here (the test picks per-rank samples itself).
