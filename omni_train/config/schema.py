@@ -207,6 +207,26 @@ class EvalConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (Hugging Face PEFT's LoRA) instead of full fine-tuning (omni_train/model/lora.py). With
+    `enabled`, the adapters on `targets` and the parameters `train_fully` names train, and every other weight stays
+    frozen: `stage.trainable` is not used."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    # Linear modules that get adapters: glob patterns of module names in the stage's module (as in stage.trainable,
+    # e.g. "thinker.model.language_model.layers.*.self_attn.q_proj") or groups: llm, audio_encoder, vision_encoder,
+    # talker (their attention and MLP projections). Empty: the objective's default (llm for thinker stages, talker
+    # for the Talker stages). The heads (lm_head, codec_head) cannot take adapters: train them fully instead.
+    targets: list[str] = field(default_factory=list)
+    # Parameters trained fully beside the adapters: patterns or stage.trainable's groups (e.g. [audio_adapter,
+    # vision_adapter], or ["talker.codec_head.*"]); exported as PEFT's modules_to_save.
+    train_fully: list[str] = field(default_factory=list)
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING
     # Glob-style patterns of parameter names that train, or module groups (llm, audio_encoder, vision_encoder,
@@ -215,6 +235,8 @@ class StageConfig:
     # What trains: thinker (next-token LM), talker_sft (next codec token on the frozen Thinker's states) or
     # talker_dpo (DPO on speech preference triplets); one recipe each in omni_train/train/recipes.
     objective: Objective = Objective.thinker
+    # LoRA instead of full fine-tuning (off by default).
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

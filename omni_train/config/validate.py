@@ -79,6 +79,9 @@ def validate(cfg: Config) -> None:
     _check(cfg.launcher.nodes > 0, f"launcher.nodes={cfg.launcher.nodes} must be positive")
     _check_launcher(cfg.launcher)
     _check(len(cfg.stage.trainable) > 0, "stage.trainable is empty: list the parameter patterns that train")
+    lora = cfg.stage.lora
+    _check(not lora.enabled or (lora.r > 0 and lora.alpha > 0 and 0 <= lora.dropout < 1),
+           f"stage.lora: r={lora.r} and alpha={lora.alpha} must be positive and dropout={lora.dropout} in [0, 1)")
     _check_sequence_parallel(cfg, cfg.launcher.nproc_per_node * cfg.launcher.nodes)
 
 

@@ -310,6 +310,11 @@ def check_checkpoint(cfg: ModelConfig, talker: bool = False) -> None:
         Qwen2_5OmniThinkerForConditionalGeneration,
     )
 
+    if cfg.path is not None and is_deepspeed_checkpoint(cfg.path):
+        state = Path(cfg.path) / "run_state_rank0.json"
+        if state.is_file() and json.loads(state.read_text()).get("adapters_only"):
+            raise ConfigError(f"model.path={cfg.path} is a checkpoint of a LoRA run, which holds its adapters only: "
+                              "start from that run's export (RUN_DIR/export, the adapters merged in)")
     if cfg.path is None or is_deepspeed_checkpoint(cfg.path):
         return
     path = Path(cfg.path)

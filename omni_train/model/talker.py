@@ -35,6 +35,7 @@ and the loss is ln 2.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ from torch import nn
 
 from omni_train.config.schema import Objective
 from omni_train.model.kernels.head_loss import HeadLoss
+from omni_train.model.lora import adapters_off
 from omni_train.model.media import MediaEmbedder
 from omni_train.tokens import IGNORE, MEDIA
 
@@ -137,7 +139,8 @@ class TalkerLM(nn.Module):
     MediaEmbedder, as for the Thinker objective).
 
     Submodules (parameter name prefixes): `thinker.` (frozen), `talker.` (trained), and for DPO `reference.` (the
-    frozen reference Talker; absent when the shards carry precomputed reference log-probs).
+    frozen reference Talker; absent when the shards carry precomputed reference log-probs, or with `base_reference`,
+    where the LoRA-adapted Talker with its adapters off is the reference).
 
     forward takes the packed Thinker batch plus, per sample in order: `codes` (all chosen sequences, then all
     rejected ones, concatenated), `code_lengths` (n, 2; rejected 0 for SFT), `speaker_bos` (n,) and optionally
@@ -146,9 +149,14 @@ class TalkerLM(nn.Module):
 
     def __init__(self, thinker: nn.Module, talker: nn.Module, objective: Objective, speakers: dict[str, int],
                  default_speaker: str, reference: nn.Module | None = None, beta: float = 0.1, sft_weight: float = 0.0,
-                 logits_chunk: int = 0):
+                 logits_chunk: int = 0, base_reference: bool = False):
         super().__init__()
+        if base_reference and reference is not None:
+            raise ValueError("the DPO reference is either a copy (`reference`) or the LoRA Talker's base "
+                             "(`base_reference`), not both")
         self.thinker = thinker
+        # DPO with LoRA: the reference is the policy Talker with its adapters off (omni_train.model.lora)
+        self.base_reference = base_reference
         self.media = MediaEmbedder(thinker)
         # > 0: the codec head and its cross-entropy fused and tiled (omni_train.model.kernels.head_loss), as for the Thinker
         self.head_losses = nn.ModuleDict({name: HeadLoss(model.codec_head, logits_chunk) for name, model in
@@ -279,9 +287,9 @@ class TalkerLM(nn.Module):
             return loss, _vector(stats)
         # Whether the reference runs is a configuration choice, never a per-batch one: under ZeRO-3 every rank
         # must gather the reference's parameters in the same micro-batches.
-        if self.reference is not None:
-            with torch.no_grad():
-                ref_logp = self.token_logps(self.reference, text, codec, positions, targets)
+        if self.reference is not None or self.base_reference:
+            with torch.no_grad(), adapters_off(self.talker) if self.base_reference else contextlib.nullcontext():
+                ref_logp = self.token_logps(self.talker if self.base_reference else self.reference, text, codec, positions, targets)
                 ref = torch.zeros_like(per_seq).index_add(0, seq, ref_logp)
         elif ref_logps is None or torch.isnan(ref_logps).any():
             raise ValueError("talker.reference=precomputed, but a sample of this batch has no reference log-probs "

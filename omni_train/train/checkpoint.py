@@ -54,17 +54,21 @@ def remove_incomplete(run_dir: str) -> None:
 
 
 def save(engine, run_dir: str, step: int, loader_state: dict, keep_last: int, extra: dict | None = None,
-         protect: tuple[int, ...] = ()) -> Path:
+         protect: tuple[int, ...] = (), adapters_only: bool = False) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory. `extra` joins the run state (the loop's
-    bookkeeping, e.g. the best evaluation); the checkpoints of the `protect` steps survive the keep_last pruning."""
+    bookkeeping, e.g. the best evaluation); the checkpoints of the `protect` steps survive the keep_last pruning.
+    `adapters_only` (LoRA): the frozen weights are left out (they come from model.path again on resume), so the
+    checkpoint holds the trained parameters and their optimizer state only."""
     rank = torch.distributed.get_rank()
     ckpt = _dir(run_dir) / tag(step)
-    engine.save_checkpoint(str(_dir(run_dir)), tag=tag(step), save_latest=False)
+    engine.save_checkpoint(str(_dir(run_dir)), tag=tag(step), save_latest=False,
+                           exclude_frozen_parameters=adapters_only)
     write_json_atomic(
         ckpt / f"run_state_rank{rank}.json",
         {
             "step": step,
             "world_size": torch.distributed.get_world_size(),
+            "adapters_only": adapters_only,
             "loader": loader_state,
             **rng_state(),
             **(extra or {}),
@@ -126,6 +130,14 @@ def loader_states(ckpt: Path) -> list[dict]:
     return [states[r] for r in sorted(states)]
 
 
+def adapters_only(ckpt: Path) -> bool:
+    """Whether `ckpt` was saved without its frozen weights (a LoRA run's)."""
+    try:
+        return bool(json.loads((ckpt / "run_state_rank0.json").read_text()).get("adapters_only"))
+    except (OSError, ValueError):
+        return False
+
+
 def load(engine, ckpt: Path) -> dict:
     """Restore the engine (weights, optimizer, LR schedule) and this rank's RNG; return its run state.
 
@@ -137,12 +149,14 @@ def load(engine, ckpt: Path) -> dict:
     old_world = written_by(ckpt)
     if old_world != world:
         universal = to_universal(ckpt)
-        load_path, _ = engine.load_checkpoint(str(ckpt), tag=universal.name, load_module_strict=True)
+        load_path, _ = engine.load_checkpoint(str(ckpt), tag=universal.name, load_module_strict=not adapters_only(ckpt))
         if load_path is None:
             raise ConfigError(f"DeepSpeed could not load {universal}, the universal copy of {ckpt}")
         return {**json.loads((ckpt / "run_state_rank0.json").read_text()), "resharded": old_world}
     state = json.loads((ckpt / f"run_state_rank{rank}.json").read_text())
-    load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=True)
+    # a LoRA checkpoint lacks the frozen weights: the module built from model.path already holds them
+    load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name,
+                                          load_module_strict=not state.get("adapters_only", False))
     if load_path is None:
         raise ConfigError(f"DeepSpeed could not load {ckpt}: its shards are missing or unreadable")
     restore_rng(state)

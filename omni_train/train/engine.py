@@ -91,6 +91,39 @@ def freeze(model: nn.Module, trainable: list[str]) -> None:
         p.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in globs))
 
 
+LORA_PARAMS = ["*.lora_A.*", "*.lora_B.*"]
+
+
+def check_trainable(names: list[str], cfg: Config, default_targets: list[str]) -> None:
+    """Before any process starts, on the stage module's parameter names: `stage.trainable`, or with LoRA its
+    targets (against the modules that own a weight; the Linear check itself comes at build) and `train_fully`."""
+    lora = cfg.stage.lora
+    if not lora.enabled:
+        check_patterns(names, list(cfg.stage.trainable))
+        return
+    from omni_train.model.lora import resolve
+
+    resolve([n.removesuffix(".weight") for n in names if n.endswith(".weight")], list(lora.targets) or default_targets)
+    if lora.train_fully:
+        check_patterns(names, list(lora.train_fully))
+
+
+def choose_trainable(module: nn.Module, cfg: Config, default_targets: list[str]) -> list[str]:
+    """What trains in the stage's module: `stage.trainable`; or with `stage.lora.enabled` PEFT LoRA adapters
+    injected on `stage.lora.targets` (default `default_targets`, the objective's) plus `stage.lora.train_fully`,
+    every other weight frozen. Returns the adapted module names ([] without LoRA)."""
+    lora = cfg.stage.lora
+    if not lora.enabled:
+        freeze(module, list(cfg.stage.trainable))
+        return []
+    from omni_train.model.lora import attach
+
+    adapted = attach(module, list(lora.targets) or default_targets, lora.r, lora.alpha, lora.dropout,
+                     cfg.trainer.seed)
+    freeze(module, LORA_PARAMS + list(lora.train_fully))
+    return adapted
+
+
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():

@@ -18,15 +18,31 @@ from torch import nn
 from omni_train import dist
 
 MAX_SHARD_BYTES = 5 * 1024**3
+ADAPTER_DIR = "adapter"  # a LoRA stage's PEFT adapter directory, beside RUN_DIR/export (merged)
 
 
 def _state_dict_stream(model: nn.Module):
-    """Yield (name, full CPU tensor) for every parameter and persistent buffer; collective under ZeRO-3."""
+    """Yield (name, full CPU tensor) for every parameter and persistent buffer; collective under ZeRO-3. A LoRA
+    layer (omni_train.model.lora) is yielded as the plain layer it adapts, its adapter merged into the weight."""
     import deepspeed
 
+    from omni_train.model.lora import layers, merged_weight
+
     rank = dist.rank()
+    adapted = layers(model)
+    inside = tuple(f"{name}." for name in adapted)
     for module_name, module in model.named_modules():
+        if module_name.startswith(inside):
+            continue  # a LoRA layer's base layer, adapters and dropout: merged below
         scope = f"{module_name}." if module_name else ""
+        if module_name in adapted:
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                if rank == 0:
+                    yield scope + "weight", merged_weight(module).detach().to("cpu", copy=True)
+                    bias = module.get_base_layer().bias
+                    if bias is not None:
+                        yield scope + "bias", bias.detach().to("cpu", copy=True)
+            continue
         params = list(module.named_parameters(recurse=False))
         if params:
             with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
@@ -37,6 +53,25 @@ def _state_dict_stream(model: nn.Module):
         for name, b in module.named_buffers(recurse=False):
             if name not in skip and rank == 0:
                 yield scope + name, b.detach().to("cpu", copy=True)
+
+
+def _begin(out: Path) -> Path:
+    """Rank 0: an empty temporary directory beside `out` to write into."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    if dist.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit(tmp: Path, out: Path) -> Path | None:
+    """Rank 0: the complete temporary directory replaces `out`; then every rank waits for it."""
+    if dist.rank() == 0:
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    dist.barrier()
+    return out if dist.rank() == 0 else None
 
 
 def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, rename=None, config=None,
@@ -52,11 +87,7 @@ def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer=No
 
     rank = dist.rank()
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-
+    tmp = _begin(out)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in _state_dict_stream(model):
@@ -91,25 +122,70 @@ def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer=No
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    dist.barrier()
-    return out if rank == 0 else None
+    return _commit(tmp, out)
+
+
+def export_adapter(model: nn.Module, out_dir: str | os.PathLike, lora, base: str | None, rename=None) -> Path | None:
+    """The PEFT adapter directory of a LoRA-trained `model` (a transformers model, or a module laid out like one,
+    e.g. the full Qwen2.5-Omni's thinker/talker/token2wav): `adapter_config.json` (PEFT's LoraConfig: `lora`'s r,
+    alpha and dropout, the adapted modules as transformers names them in memory, the fully trained ones as
+    `modules_to_save`, `base`) and `adapter_model.safetensors` with PEFT's keys (`base_model.model.` + name, adapter
+    name dropped): the adapters under the checkpoint's names (`rename(name)`), the fully trained modules under
+    transformers' module names. `PeftModel.from_pretrained(base model, out_dir)` loads it. Collective, like
+    export_pretrained."""
+    import deepspeed
+    from safetensors.torch import save_file
+
+    from omni_train.model.lora import adapter_key, layers, linear_names, peft_config
+
+    rename = rename or (lambda name: name)
+    rank = dist.rank()
+    out = Path(out_dir)
+    tmp = _begin(out)
+    adapted = layers(model)
+    fully = sorted({name.rsplit(".", 1)[0] for name, p in model.named_parameters()
+                    if p.requires_grad and ".lora_" not in name})
+    tensors = {}
+    # The adapters under the checkpoint's names (PEFT maps them onto transformers' modules); the fully trained
+    # modules under transformers' own names, the only ones PEFT 0.21 finds modules_to_save by.
+    for own, key in [*(([(f"{n}.{k}", p) for k, p in m.named_parameters() if k.startswith("lora_")],
+                        lambda name: rename(adapter_key(name))) for n, m in adapted.items()),
+                     *(([(f"{n}.{k}", p) for k, p in model.get_submodule(n).named_parameters(recurse=False)],
+                        lambda name: name) for n in fully)]:
+        with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None):
+            if rank == 0:
+                for name, p in own:
+                    tensors["base_model.model." + key(name)] = p.detach().to("cpu", copy=True)
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "adapter_model.safetensors",
+                  metadata={"format": "pt"})
+        peft_config(list(adapted), linear_names(model), lora.r, lora.alpha, lora.dropout, fully,
+                    base).save_pretrained(tmp)
+    return _commit(tmp, out)
+
+
+def omni_layout(thinker: nn.Module, talker: nn.Module, token2wav: nn.Module | None):
+    """The three parts as one module laid out like `Qwen2_5OmniForConditionalGeneration` (thinker, talker,
+    token2wav) and the rename into the released checkpoint's names (the Thinker's in the hub layout)."""
+    from omni_train.model.keymap import hub_name
+
+    whole = nn.Module()
+    whole.thinker, whole.talker = thinker, talker
+    if token2wav is not None:
+        whole.token2wav = token2wav
+
+    def rename(name: str) -> str:
+        return "thinker." + hub_name(name[len("thinker."):]) if name.startswith("thinker.") else name
+
+    return whole, rename
 
 
 def export_omni(thinker: nn.Module, talker: nn.Module, token2wav: nn.Module, config, speakers: dict,
                 out_dir: str | os.PathLike, tokenizer=None) -> Path | None:
     """The full model (Thinker + Talker + Token2Wav, released layout, with its spk_dict.pt) that transformers'
     `Qwen2_5OmniForConditionalGeneration.from_pretrained` loads. Collective, like export_pretrained."""
-    from omni_train.model.keymap import hub_name
     from omni_train.model.build import SPEAKERS_FILE
 
-    whole = nn.Module()
-    whole.thinker, whole.talker, whole.token2wav = thinker, talker, token2wav
-
-    def rename(name: str) -> str:
-        return "thinker." + hub_name(name[len("thinker."):]) if name.startswith("thinker.") else name
-
+    whole, rename = omni_layout(thinker, talker, token2wav)
     return export_pretrained(whole, out_dir, tokenizer, rename, config=config,
                              architecture="Qwen2_5OmniForConditionalGeneration", extra={SPEAKERS_FILE: speakers})

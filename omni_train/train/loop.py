@@ -29,6 +29,7 @@ from omni_train.config.schema import Config
 from omni_train.errors import ConfigError, Diverged
 from omni_train.files import write_json_atomic, write_text_atomic
 from omni_train.train import checkpoint
+from omni_train.train.export import ADAPTER_DIR
 
 
 def preflight(cfg: Config):
@@ -36,13 +37,13 @@ def preflight(cfg: Config):
     from omni_train.config.validate import validate
     from omni_train.data.loader import check_sources, check_speech
     from omni_train.tokenizer import load_tokenizer
-    from omni_train.train.engine import check_patterns
+    from omni_train.train.engine import check_trainable
     from omni_train.train.recipes import recipe
 
     validate(cfg)
     chosen = recipe(cfg.stage.objective)
     chosen.check(cfg)
-    check_patterns(chosen.trainable_names(cfg), list(cfg.stage.trainable))
+    check_trainable(chosen.trainable_names(cfg), cfg, chosen.lora_targets)
     tokenizer = load_tokenizer(cfg.model.path)
     check_sources(cfg.data.sources, tokenizer)
     check_sources(cfg.eval.sources, tokenizer, "eval.sources")
@@ -403,7 +404,7 @@ def _save(run: Run, step: int) -> None:
         run.last_checkpoint = checkpoint.save(run.trainee.engine, run.cfg.run_dir, step, run.loader.state_dict(),
                                               run.cfg.trainer.keep_last,
                                               {"best": run.best, "nonfinite_steps": run.nonfinite_steps},
-                                              protect=kept)
+                                              protect=kept, adapters_only=run.cfg.stage.lora.enabled)
     if run.best and run.rank == 0:
         best = checkpoint.tag(run.best["step"])
         write_json_atomic(run.run_dir / "checkpoints" / "best.json", {**run.best, "checkpoint": best})
@@ -440,6 +441,8 @@ def finish(run: Run, diverged: Diverged | None = None) -> dict:
         **run.recipe.summary(run.history, run.start_step + 1, t.max_steps),
         "checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None,
         "export": str(run.run_dir / "export") if t.export and diverged is None else None,
+        **({"adapter": str(run.run_dir / ADAPTER_DIR) if t.export and diverged is None else None}
+           if cfg.stage.lora.enabled else {}),
     }
     if run.rank == 0:
         write_json_atomic(run.run_dir / "summary.json", summary)

@@ -77,12 +77,12 @@ def tile_mlp(mlp: nn.Module, chunk: int) -> None:
     tile in the backward (DeepSpeed's TiledMLP); outputs and gradients equal the untiled MLP's."""
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 
-    params = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
-
     def forward(self, x):
         tiles = _tiles(x.shape[-2], x.numel() // x.shape[-1], chunk)
         if tiles <= 1:
             return _mlp(self, x)
-        return TiledMLP.apply(_mlp, self, x, tiles, params)
+        # every parameter the tiles compute with (LoRA adapters injected later included); TiledMLP keeps the
+        # trainable ones' ZeRO gradient hand-off until the last tile
+        return TiledMLP.apply(_mlp, self, x, tiles, list(self.parameters()))
 
     mlp.forward = types.MethodType(forward, mlp)

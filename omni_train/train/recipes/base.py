@@ -10,6 +10,11 @@ from omni_train.config.schema import Config
 from omni_train.data.loader import Speech
 
 
+def base_path(model_cfg) -> str | None:
+    """What a PEFT adapter names as its base model: model.path, absolute (None for a preset's random init)."""
+    return str(Path(model_cfg.path).resolve()) if model_cfg.path else None
+
+
 @dataclass
 class Trainee:
     """A built objective: the DeepSpeed engine around `module`, its LR scheduler, and `export(out_dir, tokenizer)`
@@ -24,6 +29,8 @@ class Trainee:
 class Recipe(Protocol):
     # What every sample must hold of its speech; a sample without it is set aside with that reason.
     speech: Speech
+    # Where `stage.lora` puts adapters when its targets are not given (omni_train.model.lora.TARGET_GROUPS).
+    lora_targets: list[str]
 
     def check(self, cfg: Config) -> None:
         """The objective's own configuration checks (one ConfigError line each), before any process starts."""

@@ -2,20 +2,25 @@
 Thinker's states (omni_train.model.talker.TalkerLM). The Talker alone trains; for DPO with `talker.reference=model`
 a frozen copy of the starting Talker scores the reference (ZeRO-3-partitioned like the rest), with `precomputed`
 the shards carry its log-probs. Exports the full model (Thinker, Talker, Token2Wav, spk_dict.pt) that
-`Qwen2_5OmniForConditionalGeneration.from_pretrained` loads."""
+`Qwen2_5OmniForConditionalGeneration.from_pretrained` loads. With `stage.lora`, LoRA on the Talker (by default);
+talker_dpo's reference is then the Talker with its adapters off, and a PEFT adapter directory for the full model
+goes beside the merged export."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from omni_train.config.schema import Attention, Config, Objective, Reference
 from omni_train.data.loader import Speech
 from omni_train.errors import ConfigError
-from omni_train.train.recipes.base import Trainee
+from omni_train.train.recipes.base import Trainee, base_path
 
 
 class TalkerRecipe:
     def __init__(self, objective: Objective):
         self.objective = objective
         self.speech = Speech.chosen if objective == Objective.talker_sft else Speech.pair
+        self.lora_targets = ["talker"]
 
     def check(self, cfg: Config) -> None:
         t, talker = cfg.trainer, cfg.talker
@@ -41,8 +46,8 @@ class TalkerRecipe:
         from omni_train.model.kernels import activations
         from omni_train.model.kernels.attention import use_packed_attention
         from omni_train.model.talker import TalkerLM
-        from omni_train.train.engine import deepspeed_config, freeze, initialize
-        from omni_train.train.export import export_omni
+        from omni_train.train.engine import choose_trainable, deepspeed_config, initialize
+        from omni_train.train.export import ADAPTER_DIR, export_adapter, export_omni, omni_layout
 
         # Token2Wav first, before any ZeRO-3 construction: once DeepSpeed's zero.Init has run in this process, it may
         # still partition parameters created later (Token2Wav is not trained and must stay whole for the export).
@@ -54,7 +59,10 @@ class TalkerRecipe:
             raise ConfigError(f"talker_dpo starts from a trained Talker, but model.path={cfg.model.path} holds none: "
                               "point it at a talker_sft export (or a released Qwen2.5-Omni checkpoint)")
         reference = None
-        if self.objective == Objective.talker_dpo and cfg.talker.reference == Reference.model:
+        lora = cfg.stage.lora.enabled
+        # With LoRA the reference is the Talker with its adapters off: no second copy of the weights.
+        base_reference = lora and self.objective == Objective.talker_dpo and cfg.talker.reference == Reference.model
+        if self.objective == Objective.talker_dpo and cfg.talker.reference == Reference.model and not lora:
             reference, _ = build_talker(cfg.model, ds_config)
         activations.checkpointing(talker, cfg.trainer)  # the Thinker runs without gradient: nothing to keep
         if cfg.model.attn_implementation == Attention.sdpa:
@@ -63,17 +71,22 @@ class TalkerRecipe:
         voices = load_speakers(cfg.model, cfg.talker.speaker)
         speakers = {name: int(entry["bos_token"]) for name, entry in voices.items()}
         module = TalkerLM(thinker, talker, self.objective, speakers, cfg.talker.speaker, reference, cfg.talker.beta,
-                          cfg.talker.sft_weight, cfg.trainer.logits_chunk)
-        freeze(module, list(cfg.stage.trainable))
+                          cfg.talker.sft_weight, cfg.trainer.logits_chunk, base_reference=base_reference)
+        adapted = choose_trainable(module, cfg, self.lora_targets)
         stray = [n for n, p in module.named_parameters() if p.requires_grad and not n.startswith("talker.")]
         if stray:
-            raise ConfigError(f"a Talker stage trains the Talker only; stage.trainable also matches {stray[:3]}...: "
-                              "use stage.trainable=[talker] (or patterns under talker.)")
+            setting = "stage.lora.targets and train_fully select" if lora else "stage.trainable also matches"
+            raise ConfigError(f"a Talker stage trains the Talker only; {setting} {stray[:3]}...: use patterns under "
+                              "talker.")
         engine, _, scheduler = initialize(cfg, module, ds_config)
 
         def export(out_dir, tokenizer) -> None:
-            # the whole spk_dict (Token2Wav's conditioning too) goes with the model
+            # the whole spk_dict (Token2Wav's conditioning too) goes with the model; LoRA merged in
             export_omni(module.thinker, module.talker, token2wav, omni_config(cfg.model), voices, out_dir, tokenizer)
+            if adapted:  # for Qwen2_5OmniForConditionalGeneration (the full model) as the base
+                whole, rename = omni_layout(module.thinker, module.talker, None)
+                export_adapter(whole, Path(out_dir).with_name(ADAPTER_DIR), cfg.stage.lora, base_path(cfg.model),
+                               rename)
 
         return Trainee(engine, module, scheduler, export)
 

@@ -1,16 +1,20 @@
 """The Thinker recipe: next-token cross-entropy on the Thinker (stages 1-3 and SFT; `stage.trainable` says which
 parts train), with sequence parallelism, activation checkpointing and MLP tiling as configured; exports the Thinker
-in the hub layout (`Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained` loads it)."""
+in the hub layout (`Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained` loads it); with `stage.lora`, LoRA on
+the language model (by default) and, beside the merged export, the PEFT adapter directory."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omni_train.config.schema import Attention, Config
 from omni_train.data.loader import Speech
-from omni_train.train.recipes.base import Trainee
+from omni_train.train.recipes.base import Trainee, base_path
 
 
 class ThinkerRecipe:
     speech = Speech.none
+    lora_targets = ["llm"]
 
     def check(self, cfg: Config) -> None:
         """model.path's config and weight headers against the model (omni_train.model.build.check_checkpoint)."""
@@ -30,8 +34,8 @@ class ThinkerRecipe:
         from omni_train.model.kernels import activations
         from omni_train.model.kernels.attention import use_packed_attention
         from omni_train.model.thinker import ThinkerLM
-        from omni_train.train.engine import deepspeed_config, freeze, initialize
-        from omni_train.train.export import export_pretrained
+        from omni_train.train.engine import choose_trainable, deepspeed_config, initialize
+        from omni_train.train.export import ADAPTER_DIR, export_adapter, export_pretrained
 
         ds_config = deepspeed_config(cfg, world)
         thinker = build_thinker(cfg.model, ds_config)
@@ -41,11 +45,14 @@ class ThinkerRecipe:
         elif cfg.model.attn_implementation == Attention.sdpa:
             use_packed_attention(thinker.model.language_model)
         module = ThinkerLM(thinker, sp, cfg.trainer.logits_chunk)
-        freeze(module, list(cfg.stage.trainable))
+        lora = choose_trainable(module, cfg, self.lora_targets)
         engine, _, scheduler = initialize(cfg, module, ds_config)
 
         def export(out_dir, tokenizer) -> None:
-            export_pretrained(module.thinker, out_dir, tokenizer, rename=hub_name)
+            export_pretrained(module.thinker, out_dir, tokenizer, rename=hub_name)  # LoRA merged in
+            if lora:
+                export_adapter(module.thinker, Path(out_dir).with_name(ADAPTER_DIR), cfg.stage.lora,
+                               base_path(cfg.model), rename=hub_name)
 
         return Trainee(engine, module, scheduler, export)
 
