@@ -92,3 +92,13 @@ def launch_cmd(*overrides: str) -> list[str]:
 def run_launch(*overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(launch_cmd(*overrides), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def launch_in_process(monkeypatch, capsys, *overrides: str) -> tuple[int, str]:
+    """`omni-launch` in this process, for what it refuses before starting any: (exit code, stderr)."""
+    from launch.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["omni-launch", "logging.wandb_mode=disabled", *overrides])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    return exit_.value.code, capsys.readouterr().err

@@ -7,20 +7,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import pytest
 
 from tests.conftest import data_args
-
-
-def _launch(monkeypatch, capsys, *overrides: str) -> tuple[int, str]:
-    from launch.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["omni-launch", "logging.wandb_mode=disabled", *overrides])
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    return exit_.value.code, capsys.readouterr().err
+from tests.conftest import launch_in_process as _launch
 
 
 def _prep(capsys, source, out) -> tuple[int, str]:
