@@ -71,6 +71,14 @@ def dpo(sft, triplet_shards, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def lora_dpo(sft, triplet_shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("talker_dpo_lora") / "run"
+    _run("talker_dpo", sft / "export", triplet_shards, run_dir, 4, "trainer.lr=1e-3", "stage.lora.enabled=true",
+         "stage.lora.r=4")
+    return run_dir
+
+
 def test_talker_sft_learns_the_codes_and_leaves_the_thinker_alone(sft, thinker_export):
     rows = _metrics(sft)
     assert rows[-1]["sft/loss"] < rows[0]["sft/loss"] - 0.5, [r["sft/loss"] for r in rows]
@@ -96,6 +104,40 @@ def test_dpo_starts_at_ln2_and_its_reward_accuracy_rises(dpo, sft):
     assert all(torch.equal(thinker_before[k], thinker_after[k]) for k in thinker_before), "a Thinker weight moved"
     t2w_before, t2w_after = _weights(sft / "export", "token2wav."), _weights(dpo / "export", "token2wav.")
     assert t2w_before and all(torch.equal(t2w_before[k], t2w_after[k]) for k in t2w_before)
+
+
+def test_talker_lora_dpo_starts_at_ln2_without_a_reference_copy_and_merges_exactly(lora_dpo, sft):
+    """LoRA on the Talker under ZeRO-3: the reference is the Talker with its adapters off (no copy: the module holds
+    the Thinker, the Talker and the adapters only), the loss starts at ln 2, the adapters get gradient, and the merged
+    full export is the base plus PEFT's delta of the adapter directory, which loads onto transformers' full model."""
+    from peft import PeftModel
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    from tests.helpers.lora import check_merged_export, weights
+
+    rows = _metrics(lora_dpo)
+    assert abs(rows[0]["dpo/loss"] - math.log(2.0)) < 1e-6 and rows[0]["dpo/margin"] == 0.0, rows[0]
+    assert all(r["grad_norm"] > 0 for r in rows), [r["grad_norm"] for r in rows]
+    assert rows[-1]["dpo/margin"] > 0
+    summary = json.loads((lora_dpo / "summary.json").read_text())
+    base = weights(sft / "export")
+    size = sum(v.numel() for k, v in base.items() if k.startswith(("thinker.", "talker.")))
+    assert summary["total_params"] == size + summary["trainable_params"]  # no reference copy
+    model = PeftModel.from_pretrained(Qwen2_5OmniForConditionalGeneration.from_pretrained(sft / "export"),
+                                      lora_dpo / "adapter").eval()
+    assert check_merged_export(base, weights(lora_dpo / "export"), model, lambda name: name, fully=set()) == 2 * 7
+    merged = Qwen2_5OmniForConditionalGeneration.from_pretrained(lora_dpo / "export").eval()
+    x = torch.randn(1, 24, merged.talker.config.embedding_size, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(24).expand(3, 1, 24)
+
+    def codec_logits(talker):
+        hidden = talker.model(inputs_embeds=talker.thinker_to_talker_proj(x), position_ids=positions,
+                              use_cache=False).last_hidden_state
+        return talker.codec_head(hidden)
+
+    with torch.no_grad():
+        torch.testing.assert_close(codec_logits(model.base_model.model.talker), codec_logits(merged.talker),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_the_dpo_export_loads_into_the_full_model_and_speaks(dpo):
