@@ -61,3 +61,25 @@ def test_tiling_sequence_parallel_and_checkpointing_move_their_lines():
     mlp = "largest MLP intermediate"
     mlp_tiled = estimate(compose([*base, "trainer.mlp_chunk=4096"]))
     assert mlp_tiled[mlp] == tiled[mlp] / 8 and mlp_tiled[acts] < tiled[acts]
+
+
+def test_lora_and_the_talker_stages_count_what_they_train():
+    from omni_train.model.build import omni_config
+
+    base = ["model=qwen2_5_omni_7b", "launcher.nproc_per_node=1", "model.dtype=bfloat16"]
+    optimizer, params = "optimizer + gradients (shard)", "parameters (ZeRO-3 shard)"
+    full = estimate(compose([*base, "stage=sft"]))
+    lora = estimate(compose([*base, "stage=sft", "stage.lora.enabled=true", "stage.lora.r=8"]))
+    text = omni_config(compose(base).model).thinker_config.text_config
+    h, kv, inter = text.hidden_size, text.num_key_value_heads * text.hidden_size // text.num_attention_heads, \
+        text.intermediate_size
+    # r x (in + out) per adapted projection: q, k, v, o, gate, up, down of every layer; 16 bytes each in bf16
+    per_layer = 8 * ((h + h) + 2 * (h + kv) + (h + h) + 3 * (h + inter))
+    assert lora[optimizer] == 16 * text.num_hidden_layers * per_layer
+    assert lora[optimizer] < full[optimizer] / 100
+    assert lora[params] == full[params] + 2 * text.num_hidden_layers * per_layer  # the adapters, in bf16
+    sft, dpo = estimate(compose([*base, "stage=talker_sft"])), estimate(compose([*base, "stage=talker_dpo"]))
+    dpo_lora = estimate(compose([*base, "stage=talker_dpo", "stage.lora.enabled=true"]))
+    assert dpo[optimizer] == sft[optimizer] > 0 and dpo[params] > sft[params]  # the DPO reference copy
+    assert dpo_lora[params] < sft[params] + (dpo[params] - sft[params]) / 50  # LoRA's reference is no copy
+    assert "activations (Talker)" in sft and "activations (language model)" not in sft
