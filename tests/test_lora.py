@@ -162,3 +162,31 @@ def test_lora_settings_are_checked_before_launch(monkeypatch, capsys, tiny_expor
                                   "stage.lora.targets=[thinker.lm_head]")
     assert code == 2 and "head takes no adapter" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def _single(run_dir: Path, base: Path, shards: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_launch(f"run_dir={run_dir}", f"model.path={base}", *data_args(shards), "trainer.max_steps=6",
+                      "trainer.save_every=3", "trainer.keep_last=2", "trainer.lr=3e-3", "trainer.warmup_steps=0",
+                      "trainer.grad_accum=2", "stage.lora.enabled=true", "stage.lora.dropout=0",
+                      "launcher.nproc_per_node=1", *extra)
+
+
+def test_one_process_without_deepspeed_trains_as_zero3_does_and_resumes(tiny_export, text_shards, tmp_path):
+    """deepspeed=none (omni_train/train/plain.py) on one process: the same losses and gradient norms as DeepSpeed's
+    ZeRO-3 engine on one process (accumulation, clipping, AdamW, schedule), and a resume from its checkpoint
+    continues with the same losses."""
+    plain, zero3, resumed = tmp_path / "plain", tmp_path / "zero3", tmp_path / "resumed"
+    for run_dir, engine in ((plain, "none"), (zero3, "zero3")):
+        result = _single(run_dir, tiny_export, text_shards, f"deepspeed={engine}")
+        assert result.returncode == 0, result.stderr[-4000:]
+    rows = {r: [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()] for r in (plain, zero3)}
+    for ours, theirs in zip(rows[plain], rows[zero3], strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5), (ours["step"], ours["loss"], theirs["loss"])
+        assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4), ours["step"]
+    assert (plain / "adapter" / "adapter_model.safetensors").is_file()
+    checkpoint = plain / "checkpoints" / "step_00000003"
+    result = _single(resumed, tiny_export, text_shards, "deepspeed=none", f"resume={checkpoint}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert sorted(_losses(resumed)) == [4, 5, 6]
+    for step, loss in _losses(resumed).items():
+        assert loss == pytest.approx(_losses(plain)[step], rel=1e-6, abs=1e-6), step

@@ -17,7 +17,7 @@ from omni_train.errors import ConfigError
 REDACTED = "<redacted>"  # what a saved config holds in place of a credential (omni_train/train/metrics.py)
 # What a resumed run keeps whatever the command line says: the data order, the rows and the model depend on them.
 # (The number of processes and data.workers may change: the checkpoint and the data position are re-dealt.)
-FIXED_ON_RESUME = ("stage.objective", "stage.trainable", "stage.lora", "model.preset", "model.path", "model.compose",
+FIXED_ON_RESUME = ("stage.objective", "stage.trainable", "stage.lora", "deepspeed.enabled", "model.preset", "model.path", "model.compose",
                    "model.hf_config", "model.dtype", "talker.reference", "data.sources", "data.max_len",
                    "data.chunk_samples", "data.pad_to_multiple_of", "data.resample", "trainer.seed",
                    "trainer.micro_batch_size")

@@ -107,6 +107,9 @@ class ModelConfig:
 @dataclass
 class DeepSpeedConfig:
     name: str = MISSING
+    # False (deepspeed=none): one process without DeepSpeed, plain torch AdamW (omni_train/train/plain.py): the
+    # single-GPU path, e.g. LoRA of the 7B on one card.
+    enabled: bool = True
     zero_stage: int = 3
     offload_optimizer: Offload = Offload.none
     offload_param: Offload = Offload.none

@@ -68,6 +68,13 @@ def validate(cfg: Config) -> None:
            "data.chunk_samples must be positive; data.workers and data.max_bad_samples non-negative")
     _check_eval(cfg)
     _check(ds.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={ds.zero_stage} must be 0, 1, 2 or 3")
+    world = cfg.launcher.nproc_per_node * cfg.launcher.nodes
+    _check(ds.enabled or world == 1, f"deepspeed=none trains in one process, but the launcher asks for {world}: set "
+                                     "launcher.nproc_per_node=1 (and nodes=1), or use deepspeed=zero3")
+    _check(ds.enabled or cfg.model.dtype == "float32" or cfg.stage.lora.enabled,
+           f"deepspeed=none with model.dtype={cfg.model.dtype} trains LoRA adapters only (kept in fp32 beside the "
+           "16-bit base): set stage.lora.enabled=true, or model.dtype=float32, or use deepspeed=zero3 (fp32 master "
+           "weights)")
     _check(
         ds.offload_param == "none" or ds.zero_stage == 3, "deepspeed.offload_param needs deepspeed.zero_stage=3"
     )
@@ -160,4 +167,6 @@ def _check_sequence_parallel(cfg: Config, world: int) -> None:
 
 def check_world(cfg: Config, world: int) -> None:
     """Checks that need the real number of processes (known once the process group exists)."""
+    _check(cfg.deepspeed.enabled or world == 1, f"deepspeed=none trains in one process, but {world} were started: "
+                                                "start one (omni-launch launcher.nproc_per_node=1), or use deepspeed=zero3")
     _check_sequence_parallel(cfg, world)

@@ -143,10 +143,16 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def initialize(cfg: Config, module: nn.Module, ds_config: dict):
-    """Wrap `module` in a DeepSpeed engine with AdamW over its trainable parameters and the LR schedule."""
+    """Wrap `module` in a DeepSpeed engine with AdamW over its trainable parameters and the LR schedule (without
+    DeepSpeed, `deepspeed=none`: omni_train.train.plain.PlainEngine; trained parameters of a 16-bit model, LoRA's
+    adapters, are kept in fp32 there)."""
     import deepspeed
 
     t = cfg.trainer
+    if not cfg.deepspeed.enabled:
+        for p in module.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     groups = _param_groups(module, t.weight_decay)
     if not groups:
         raise ConfigError("no parameter trains: check stage.trainable")
@@ -154,6 +160,10 @@ def initialize(cfg: Config, module: nn.Module, ds_config: dict):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
     )
+    if not cfg.deepspeed.enabled:
+        from omni_train.train.plain import PlainEngine
+
+        return PlainEngine(module, optimizer, scheduler, t.grad_accum, t.grad_clip), optimizer, scheduler
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
