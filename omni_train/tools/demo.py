@@ -6,9 +6,9 @@ stages ran, plus "data" for preparation and "init" for the composed sources). Ea
 Sample corpus -> media, text and speech-triplet shards -> tiny stand-ins for Qwen2.5 / Whisper / Qwen2.5-VL ->
 stage 1 (composed Thinker, LLM frozen) -> stage 2 (everything) -> stage 3 (32k rows, 2 ranks sharing each row by
 sequence parallelism) -> Thinker SFT -> Talker SFT (codec continuation on the frozen Thinker) -> Talker DPO (speech
-triplets), each stage starting from the previous stage's export, all under ZeRO-3; the last export is a full
-Qwen2.5-Omni (Thinker, Talker, Token2Wav, spk_dict.pt) that transformers' `Qwen2_5OmniForConditionalGeneration`
-loads. Every 8th conversation of each manifest is held out: every stage is evaluated on its held-out share before
+triplets; LoRA adapters on the Talker, merged into the export), each stage starting from the previous stage's
+export, all under ZeRO-3; the last export is a full Qwen2.5-Omni (Thinker, Talker, Token2Wav, spk_dict.pt) that
+transformers' `Qwen2_5OmniForConditionalGeneration` loads. Every 8th conversation of each manifest is held out: every stage is evaluated on its held-out share before
 its first step, every few steps and after its last (`eval_loss` first and last in each stage's summary); each Thinker
 stage's export answers the held-out media and text conversations greedily (`answers` in the summary: word error rate
 and exact match against the references, per modality); the final model speaks the held-out triplets' replies and a
@@ -53,8 +53,10 @@ STAGES = [
     # The Talker on the SFT'd Thinker: codec continuation, then DPO on the speech triplets (Thinker frozen).
     ("talker_sft", ["trainer.max_steps=10", "trainer.lr=3e-3", "data.max_len=512", f"data.sources={TRIPLETS}",
                     EVAL_TALKER, "trainer.eval_every=5"]),
-    ("talker_dpo", ["trainer.max_steps=10", "trainer.lr=1e-3", "trainer.warmup_steps=0", "data.max_len=512",
-                    f"data.sources={TRIPLETS}", EVAL_TALKER, "trainer.eval_every=5"]),
+    # DPO with LoRA on the Talker (PEFT): the reference is the Talker with its adapters off; the export is merged.
+    ("talker_dpo", ["trainer.max_steps=10", "trainer.lr=3e-3", "trainer.warmup_steps=0", "data.max_len=512",
+                    f"data.sources={TRIPLETS}", EVAL_TALKER, "trainer.eval_every=5", "stage.lora.enabled=true",
+                    "stage.lora.r=8"]),
 ]
 
 
