@@ -1,5 +1,6 @@
 """LoRA on the Thinker (stage.lora): 2 processes under DeepSpeed ZeRO-3 from the tiny Thinker export, with PEFT's
-adapters on the language model and its final norm trained fully. The merged export is exactly the base plus PEFT's
+adapters on the language model and its final norm trained fully, each row shared by the 2 ranks (Ulysses), every
+layer checkpointed and the MLPs tiled. The merged export is exactly the base plus PEFT's
 delta, the adapter directory loads with PeftModel.from_pretrained onto transformers' Thinker, the checkpoints hold
 the adapters only, and a run killed with SIGKILL resumes with the same losses. (The Talker's LoRA:
 tests/test_talker_training.py.)"""
@@ -10,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +30,9 @@ NORM = "thinker.model.language_model.norm.*"  # trained fully beside the adapter
 def _args(run_dir: Path, base: Path, shards: Path) -> list[str]:
     return [f"run_dir={run_dir}", f"model.path={base}", *data_args(shards), f"trainer.max_steps={STEPS}",
             "trainer.save_every=5", "trainer.keep_last=2", "trainer.lr=3e-3", "trainer.warmup_steps=0",
-            "stage.lora.enabled=true", "stage.lora.r=4", "stage.lora.dropout=0.1", f"stage.lora.train_fully=[{NORM}]"]
+            "stage.lora.enabled=true", "stage.lora.r=4", "stage.lora.dropout=0.1", f"stage.lora.train_fully=[{NORM}]",
+            # LoRA with what rows of 32k need: the 2 ranks share each row, layers recomputed, MLPs tiled
+            "trainer.sequence_parallel=2", "trainer.checkpointing=full", "trainer.mlp_chunk=64"]
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -164,29 +168,24 @@ def test_lora_settings_are_checked_before_launch(monkeypatch, capsys, tiny_expor
     assert not (tmp_path / "run").exists()
 
 
-def _single(run_dir: Path, base: Path, shards: Path, *extra: str) -> subprocess.CompletedProcess:
-    return run_launch(f"run_dir={run_dir}", f"model.path={base}", *data_args(shards), "trainer.max_steps=6",
-                      "trainer.save_every=3", "trainer.keep_last=2", "trainer.lr=3e-3", "trainer.warmup_steps=0",
-                      "trainer.grad_accum=2", "stage.lora.enabled=true", "stage.lora.dropout=0",
-                      "launcher.nproc_per_node=1", *extra)
-
-
-def test_one_process_without_deepspeed_trains_as_zero3_does_and_resumes(tiny_export, text_shards, tmp_path):
-    """deepspeed=none (omni_train/train/plain.py) on one process: the same losses and gradient norms as DeepSpeed's
-    ZeRO-3 engine on one process (accumulation, clipping, AdamW, schedule), and a resume from its checkpoint
-    continues with the same losses."""
-    plain, zero3, resumed = tmp_path / "plain", tmp_path / "zero3", tmp_path / "resumed"
-    for run_dir, engine in ((plain, "none"), (zero3, "zero3")):
-        result = _single(run_dir, tiny_export, text_shards, f"deepspeed={engine}")
-        assert result.returncode == 0, result.stderr[-4000:]
-    rows = {r: [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()] for r in (plain, zero3)}
-    for ours, theirs in zip(rows[plain], rows[zero3], strict=True):
-        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5), (ours["step"], ours["loss"], theirs["loss"])
-        assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4), ours["step"]
-    assert (plain / "adapter" / "adapter_model.safetensors").is_file()
-    checkpoint = plain / "checkpoints" / "step_00000003"
-    result = _single(resumed, tiny_export, text_shards, "deepspeed=none", f"resume={checkpoint}")
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert sorted(_losses(resumed)) == [4, 5, 6]
-    for step, loss in _losses(resumed).items():
-        assert loss == pytest.approx(_losses(plain)[step], rel=1e-6, abs=1e-6), step
+def test_one_process_without_deepspeed_trains_as_zero3_does_and_resumes(lora_run, text_shards, tmp_path):
+    """deepspeed=none (omni_train/train/plain.py) on one process, starting from the merged export of a LoRA stage:
+    the same losses and gradient norms as DeepSpeed's ZeRO-3 engine on one process (accumulation, clipping, AdamW,
+    schedule), and a resume from its step-3 checkpoint continues with the same losses (tests/helpers/plain_steps.py,
+    through the loop's own setup and steps)."""
+    out = tmp_path / "steps.json"
+    done = subprocess.run([sys.executable, "-m", "tests.helpers.plain_steps", str(out), str(tmp_path),
+                           f"model.path={lora_run / 'export'}", *data_args(text_shards), "trainer.lr=3e-3",
+                           "trainer.warmup_steps=0", "trainer.grad_accum=2", "stage.lora.enabled=true",
+                           "stage.lora.dropout=0", "launcher.nproc_per_node=1"],
+                          cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    arms = {name: {int(k): v for k, v in steps.items()} for name, steps in json.loads(out.read_text()).items()}
+    assert sorted(arms["plain"]) == sorted(arms["zero3"]) == [1, 2, 3, 4, 5, 6] and sorted(arms["resumed"]) == [4, 5, 6]
+    for step, (loss, norm) in arms["plain"].items():
+        assert loss == pytest.approx(arms["zero3"][step][0], rel=1e-5), (step, loss, arms["zero3"][step])
+        assert norm == pytest.approx(arms["zero3"][step][1], rel=1e-4), (step, norm, arms["zero3"][step])
+    for step, (loss, norm) in arms["resumed"].items():
+        assert loss == pytest.approx(arms["plain"][step][0], rel=1e-6, abs=1e-6), step
+        assert norm == pytest.approx(arms["plain"][step][1], rel=1e-5), step
