@@ -18,7 +18,7 @@ def _run(shards, out, objective, timeout):
     """Run the 2-rank job; returns its CompletedProcess, or None when it had to be killed at `timeout`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "tests.helpers.zero3_modalities", "--shards", str(shards), "--out", str(out),
-           "--objective", objective, "--timeout-min", "0.5" if objective == "transformers" else "1.0"]
+           "--objective", objective, "--timeout-min", "0.25" if objective == "transformers" else "1.0"]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
