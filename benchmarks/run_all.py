@@ -3,7 +3,8 @@
 
     .venv/bin/python benchmarks/run_all.py [--quick] [--out benchmarks/results.json]
 
-Runs prep_throughput, loader_throughput, packing_efficiency, step_throughput and step_memory (each also runs alone)
+Runs prep_throughput, loader_throughput, packing_efficiency, step_throughput, step_memory and lora_vs_full (each
+also runs alone)
 one after the other on the same machine, on one sample corpus, and merges their figures, each under its
 benchmark's prefix. The ratios the issues set goals for are repeated under `ratio.*`:
 - `ratio.loss_tiled_vs_plain.peak.32k` (tiny and small presets; goal <= 1/3),
@@ -64,6 +65,7 @@ def main() -> None:
         "packing_efficiency": ["--shards", str(shards), "--window", "2048"],
         "step_throughput": ["--shards", str(shards), "--repeat", "1" if quick else "3"],
         "step_memory": ["--shards", str(shards), "--steps", "1" if quick else "3"],
+        "lora_vs_full": ["--steps", "4" if quick else "12"],
     }
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     figures = {"machine.cores": os.cpu_count(), "machine.memory_gb": round(memory_gb, 1), "machine.gpus": 0,
