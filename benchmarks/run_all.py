@@ -4,9 +4,8 @@
     .venv/bin/python benchmarks/run_all.py [--quick] [--out benchmarks/results.json]
 
 Runs prep_throughput, loader_throughput, packing_efficiency, step_throughput, step_memory and lora_vs_full (each
-also runs alone)
-one after the other on the same machine, on one sample corpus, and merges their figures, each under its
-benchmark's prefix. The ratios the issues set goals for are repeated under `ratio.*`:
+also runs alone) one after the other on the same machine, on one sample corpus (lora_vs_full builds its own text
+shards), and merges their figures, each under its benchmark's prefix. The ratios the issues set goals for are repeated under `ratio.*`:
 - `ratio.loss_tiled_vs_plain.peak.32k` (tiny and small presets; goal <= 1/3),
 - `ratio.packed_vs_padded.tokens_per_s` (goal >= 2),
 - `ratio.encoding_vs_processor_path.per_core` (ours against transformers' Qwen2.5-Omni processor path, audio
