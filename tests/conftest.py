@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -102,3 +103,29 @@ def launch_in_process(monkeypatch, capsys, *overrides: str) -> tuple[int, str]:
     with pytest.raises(SystemExit) as exit_:
         main()
     return exit_.value.code, capsys.readouterr().err
+
+
+def start_launch(*overrides: str) -> subprocess.Popen:
+    """`omni-launch` started in its own session (stderr piped), for tests that kill it."""
+    return subprocess.Popen(launch_cmd(*overrides), cwd=REPO, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def kill_job_when(proc: subprocess.Popen, marker: Path, what: str, timeout: float = 400) -> None:
+    """Once `marker` exists, SIGKILL the whole job at once, as when a node is lost: the launcher, torchrun and every
+    worker. Fails when the job ends first or `what` (the marker) does not come within `timeout` seconds."""
+    import time
+
+    import psutil
+
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, f"run ended before {what}: {proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, f"no {what} in time"
+        time.sleep(0.02)
+    job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in job:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(job, timeout=30)
+    proc.wait()

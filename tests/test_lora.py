@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 from omni_train.errors import ConfigError
-from tests.conftest import REPO, data_args, launch_cmd, launch_in_process, run_launch
+from tests.conftest import REPO, data_args, kill_job_when, launch_in_process, run_launch, start_launch
 from tests.helpers.lora import check_merged_export, weights
 
 STEPS = 10
@@ -122,20 +119,8 @@ def test_checkpoints_hold_the_trained_parameters_only(lora_run, tiny_export):
 
 def test_a_killed_lora_run_resumes_with_the_same_losses(lora_run, tiny_export, text_shards, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(launch_cmd(*_args(run_dir, tiny_export, text_shards)), cwd=REPO, start_new_session=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    marker = run_dir / "checkpoints" / "step_00000005" / "COMPLETE"
-    deadline = time.time() + 400
-    while not marker.exists():
-        assert proc.poll() is None, f"run ended before its step-5 checkpoint: {proc.stderr.read()[-3000:]}"
-        assert time.time() < deadline, "no step-5 checkpoint in time"
-        time.sleep(0.02)
-    job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for p in job:
-        p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(job, timeout=30)
-    proc.wait()
+    proc = start_launch(*_args(run_dir, tiny_export, text_shards))
+    kill_job_when(proc, run_dir / "checkpoints" / "step_00000005" / "COMPLETE", "its step-5 checkpoint")
     assert not (run_dir / "summary.json").exists(), "the run finished before it was killed"
 
     result = run_launch(f"run_dir={run_dir}", "resume=auto")

@@ -6,17 +6,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
-from tests.conftest import REPO, data_args, launch_cmd, run_launch
+from tests.conftest import REPO, data_args, kill_job_when, run_launch, start_launch
 
 STEPS = 30
 NEW_LR = 1e-4  # the peak learning rate a resume sets over the checkpoint's 3e-3
@@ -91,21 +88,8 @@ def test_export_loads_with_from_pretrained_and_equals_the_trained_weights(refere
 
 def test_killed_run_resumes_with_the_same_losses(reference, text_shards, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(launch_cmd(*_args(run_dir, text_shards)), cwd=REPO, start_new_session=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    marker = run_dir / "checkpoints" / "step_00000020" / "COMPLETE"
-    deadline = time.time() + 400
-    while not marker.exists():
-        assert proc.poll() is None, f"run ended before its step-20 checkpoint: {proc.stderr.read()[-3000:]}"
-        assert time.time() < deadline, "no step-20 checkpoint in time"
-        time.sleep(0.05)
-    # The whole job dies at once, as when a node is lost: the launcher, torchrun and every worker.
-    job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for p in job:
-        p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(job, timeout=30)
-    proc.wait()
+    proc = start_launch(*_args(run_dir, text_shards))
+    kill_job_when(proc, run_dir / "checkpoints" / "step_00000020" / "COMPLETE", "its step-20 checkpoint")
     assert not (run_dir / "checkpoints" / f"step_{STEPS:08d}").exists(), "the run finished before it was killed"
 
     # Only the run directory: the resumed run is the run it was (its saved config.yaml), not the defaults.
