@@ -117,6 +117,25 @@ def test_checkpoints_hold_the_trained_parameters_only(lora_run, tiny_export):
         check_checkpoint(tiny_model_config(str(checkpoint)))
 
 
+def test_a_lora_checkpoint_resumes_only_on_its_own_base(lora_run, tiny_export, tmp_path):
+    """The checkpoint does not hold the base, so it records model.path's files; a base retrained since is refused."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from omni_train.config.compose import compose
+    from omni_train.train.loop import _check_base
+
+    checkpoint = lora_run / "checkpoints" / f"step_{STEPS:08d}"
+    _check_base(compose([f"model.path={tiny_export}", "stage.lora.enabled=true"]), checkpoint)  # its own: fine
+    moved = tmp_path / "retrained"
+    shutil.copytree(tiny_export, moved)
+    save_file({k: v * 1.001 for k, v in weights(tiny_export).items()}, moved / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="its files have changed since"):
+        _check_base(compose([f"model.path={moved}", "stage.lora.enabled=true"]), checkpoint)
+
+
 def test_a_killed_lora_run_resumes_with_the_same_losses(lora_run, tiny_export, text_shards, tmp_path):
     run_dir = tmp_path / "run"
     proc = start_launch(*_args(run_dir, tiny_export, text_shards))

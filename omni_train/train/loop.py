@@ -51,7 +51,26 @@ def preflight(cfg: Config):
     resume_from = _resume_point(cfg)
     if resume_from is not None:
         checkpoint.written_by(resume_from)  # a readable run state
+        _check_base(cfg, resume_from)
     return chosen
+
+
+def _base(cfg: Config) -> str | None:
+    """What a LoRA checkpoint records of its frozen base (model.path's files), which it does not hold."""
+    from omni_train.files import fingerprint
+
+    return fingerprint(cfg.model.path) if cfg.stage.lora.enabled and cfg.model.path else None
+
+
+def _check_base(cfg: Config, ckpt: Path) -> None:
+    """A LoRA checkpoint resumes only on the base it was trained on: model.path's files as they were."""
+    import json
+
+    state = json.loads((ckpt / "run_state_rank0.json").read_text())
+    if state.get("adapters_only") and state.get("base") != _base(cfg):
+        raise ConfigError(f"resume: {ckpt} holds LoRA adapters trained on model.path={cfg.model.path} as it was then, "
+                          "and its files have changed since (the checkpoint does not hold the base): point "
+                          "model.path at that base again, or start a new run_dir")
 
 
 def _resume_point(cfg: Config) -> Path | None:
@@ -205,6 +224,7 @@ class Run:
     nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
     nonfinite_in_a_row: int = 0
     last_finite: tuple[int, float] | None = None  # (step, loss) of the last step that updated the weights
+    base: str | None = None  # LoRA: the fingerprint of model.path's files (checkpoints hold the adapters only)
 
     @property
     def run_dir(self) -> Path:
@@ -290,7 +310,8 @@ def setup(cfg: Config) -> Run:
                  f"{world} ranks, sequence parallel {t.sequence_parallel}, rows of {cfg.data.max_len} tokens")
     return Run(cfg, rank, world, recipe, trainee, loader, tokenizer, metrics, timeouts, counts, local_params,
                start_step, resume_from, counts_data=sp is None or sp.rank == 0, heldout=heldout, best=best,
-               mixture=dict.fromkeys([s.name for s in cfg.data.sources], 0.0), nonfinite_steps=nonfinite)
+               mixture=dict.fromkeys([s.name for s in cfg.data.sources], 0.0), nonfinite_steps=nonfinite,
+               base=_base(cfg))
 
 
 def _apply_lr(scheduler, lr: float) -> float | None:
@@ -403,7 +424,8 @@ def _save(run: Run, step: int) -> None:
         kept = (run.best["step"],) if run.best else ()
         run.last_checkpoint = checkpoint.save(run.trainee.engine, run.cfg.run_dir, step, run.loader.state_dict(),
                                               run.cfg.trainer.keep_last,
-                                              {"best": run.best, "nonfinite_steps": run.nonfinite_steps},
+                                              {"best": run.best, "nonfinite_steps": run.nonfinite_steps,
+                                               "base": run.base},
                                               protect=kept, adapters_only=run.cfg.stage.lora.enabled)
     if run.best and run.rank == 0:
         best = checkpoint.tag(run.best["step"])
