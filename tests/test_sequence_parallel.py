@@ -10,10 +10,8 @@ import sys
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from omni_train.config.compose import compose
-from omni_train.config.schema import ModelConfig
 from omni_train.config.validate import validate
 from omni_train.errors import ConfigError
 from tests.conftest import REPO
@@ -108,3 +106,20 @@ def test_a_world_or_row_the_degree_does_not_divide_is_refused():
         _validate("trainer.sequence_parallel=2", "launcher.nproc_per_node=3")
     with pytest.raises(ConfigError, match="pad_to_multiple_of=2 must be a multiple of trainer.sequence_parallel=4"):
         _validate("trainer.sequence_parallel=4", "launcher.nproc_per_node=4", "data.pad_to_multiple_of=2")
+
+
+def test_an_attention_kernel_this_machine_cannot_run_is_refused_by_the_training_processes():
+    """The 3B and 7B presets ask for flash_attention_2; where transformers finds no flash-attn with a GPU (here), the
+    training processes stop with one line (omni-launch itself may run on a login node, so it does not decide)."""
+    from transformers.utils import is_flash_attn_2_available
+
+    from omni_train.config.validate import check_world
+
+    cfg = compose(["model=qwen2_5_omni_7b"])
+    assert str(cfg.model.attn_implementation) == "flash_attention_2"
+    if is_flash_attn_2_available():
+        check_world(cfg, 2)
+        return
+    with pytest.raises(ConfigError, match="install flash-attn, or set model.attn_implementation=sdpa"):
+        check_world(cfg, 2)
+    check_world(compose(["model=qwen2_5_omni_7b", "model.attn_implementation=sdpa"]), 2)

@@ -166,7 +166,14 @@ def _check_sequence_parallel(cfg: Config, world: int) -> None:
 
 
 def check_world(cfg: Config, world: int) -> None:
-    """Checks that need the real number of processes (known once the process group exists)."""
+    """Checks that need the real number of processes (known once the process group exists) or the machine the
+    training runs on (`omni-launch` may run on a login node without its GPUs or packages)."""
+    from transformers.utils import is_flash_attn_2_available
+
+    _check(cfg.model.attn_implementation != "flash_attention_2" or is_flash_attn_2_available(),
+           "model.attn_implementation=flash_attention_2, but this machine cannot run it (transformers finds no "
+           "flash-attn package with a CUDA GPU): install flash-attn, or set model.attn_implementation=sdpa (omni-train's "
+           "packed per-sample attention through torch's SDPA, no L x L mask)")
     _check(cfg.deepspeed.enabled or world == 1, f"deepspeed=none trains in one process, but {world} were started: "
                                                 "start one (omni-launch launcher.nproc_per_node=1), or use deepspeed=zero3")
     _check_sequence_parallel(cfg, world)
