@@ -1,4 +1,5 @@
-"""Crash-safe file writes: a file is either absent, the old version, or the complete new one; JSON is strict.
+"""Crash-safe file writes: a file is either absent, the old version, or the complete new one; JSON is strict. Also a
+cheap fingerprint of a directory's files (what a LoRA checkpoint records of the base it does not hold).
 
 Base layer: imported by data_prep and every layer of omni_train; imports nothing of the project.
 """
