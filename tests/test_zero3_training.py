@@ -86,9 +86,19 @@ def test_export_loads_with_from_pretrained_and_equals_the_trained_weights(refere
     assert generated.shape == (1, ids.shape[1] + 4)
 
 
+def _tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))  # TensorBoard's own reader, purging as it does
+    events.Reload()
+    steps = [e.step for e in events.Scalars(tag)]
+    assert len(steps) == len(set(steps)), f"{tag} at a step twice: {steps}"
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
 def test_killed_run_resumes_with_the_same_losses(reference, text_shards, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start_launch(*_args(run_dir, text_shards))
+    proc = start_launch(*_args(run_dir, text_shards, "logging.tensorboard=true"))
     kill_job_when(proc, run_dir / "checkpoints" / "step_00000020" / "COMPLETE", "its step-20 checkpoint")
     assert not (run_dir / "checkpoints" / f"step_{STEPS:08d}").exists(), "the run finished before it was killed"
 
@@ -112,6 +122,12 @@ def test_killed_run_resumes_with_the_same_losses(reference, text_shards, tmp_pat
     assert best["eval_loss"] == min(v for s, v in evals.items() if s > 0) and evals[best["step"]] == best["eval_loss"]
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert kept == sorted({f"step_{best['step']:08d}", f"step_{STEPS:08d}"}), kept  # keep_last=1 and the best
+    # TensorBoard (on from the saved config) holds each step once: the killed attempt's steps past 20 are purged.
+    scalars = _tensorboard_scalars(run_dir, "loss")
+    assert sorted(scalars) == list(range(1, STEPS + 1))
+    for step, value in resumed.items():
+        assert scalars[step] == pytest.approx(value, rel=1e-6), step
+    assert sorted(_tensorboard_scalars(run_dir, "eval/loss")) == [0, 10, 20, 30]
 
 
 def test_fresh_start_in_a_run_dir_with_checkpoints_is_refused(reference, text_shards):

@@ -261,6 +261,9 @@ class LoggingConfig:
     wandb_mode: WandbMode = WandbMode.offline
     wandb_project: str = "omni-train"
     progress_bar: bool = True
+    # The step metrics and evaluations also as TensorBoard scalars in run_dir/tensorboard (needs the tensorboard
+    # package: pip install 'omni-train[tensorboard]').
+    tensorboard: bool = False
 
 
 @dataclass

@@ -8,6 +8,7 @@ Sits above the model (it reads the preset's head counts); the objective's own ch
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -174,6 +175,9 @@ def check_world(cfg: Config, world: int) -> None:
            "model.attn_implementation=flash_attention_2, but this machine cannot run it (transformers finds no "
            "flash-attn package with a CUDA GPU): install flash-attn, or set model.attn_implementation=sdpa (omni-train's "
            "packed per-sample attention through torch's SDPA, no L x L mask)")
+    _check(not cfg.logging.tensorboard or importlib.util.find_spec("tensorboard") is not None,
+           "logging.tensorboard=true, but the tensorboard package is not installed on this machine: pip install "
+           "'omni-train[tensorboard]' (or tensorboard), or set logging.tensorboard=false")
     _check(cfg.deepspeed.enabled or world == 1, f"deepspeed=none trains in one process, but {world} were started: "
                                                 "start one (omni-launch launcher.nproc_per_node=1), or use deepspeed=zero3")
     _check_sequence_parallel(cfg, world)

@@ -1,7 +1,8 @@
-"""Metrics: `metrics.jsonl` in the run directory, wandb (offline unless configured), a rank-0 progress bar.
+"""Metrics: `metrics.jsonl` in the run directory, wandb (offline unless configured), TensorBoard when asked
+(`logging.tensorboard`), a rank-0 progress bar.
 
 Owns: everything the loop reports. Only rank 0 writes or prints. On resume the lines past the restored step are
-dropped, so the file reads as one uninterrupted run.
+dropped (and TensorBoard's events past it purged), so the run reads as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -37,10 +38,16 @@ class Metrics:
                  run_config: dict):
         self.active = rank == 0
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.bar = self.wandb = None
+        self.bar = self.wandb = self.tensorboard = None
         if not self.active:
             return
         self._truncate_after(start_step)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: readers drop the events a killed attempt wrote past the restored step
+            self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"),
+                                             purge_step=start_step + 1 if start_step else None)
         if cfg.wandb_mode != "disabled":
             import wandb
 
@@ -69,6 +76,7 @@ class Metrics:
             f.write(json.dumps({**json_safe(record), **({"nonfinite": bad} if bad else {})}, allow_nan=False) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        self._scalars(record["step"], record)
         if self.bar is not None:
             self.bar.update(record["step"] - self.bar.n)
             self.bar.set_postfix(
@@ -83,7 +91,16 @@ class Metrics:
             f.write(json.dumps(json_safe({"step": step, **record}), allow_nan=False) + "\n")
         if self.wandb is not None:
             self.wandb.log(record, step=step)
+        self._scalars(step, record)
         self.info(f"step {step}: eval/loss {record['eval/loss']:.4f}")
+
+    def _scalars(self, step: int, record: dict) -> None:
+        if self.tensorboard is None:
+            return
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.tensorboard.add_scalar(key, value, step)
+        self.tensorboard.flush()  # a killed run keeps what it logged, as metrics.jsonl does
 
     def info(self, message: str) -> None:
         """One line on the console (above the progress bar), rank 0 only."""
@@ -102,6 +119,8 @@ class Metrics:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def _wandb_id(run_dir: str) -> str:
