@@ -10,6 +10,9 @@ any process starts) and turning the `launcher` group into a process launch:
 - `slurm`: an sbatch script (one torchrun per node through srun, the rendezvous on the job's first node) written
   into run_dir and submitted with sbatch.
 `--dry-run` prints the command (or the sbatch script) instead; `--wait` makes sbatch wait for the job's end.
+`-m` (`--multirun`) runs one job per combination of swept values (`trainer.lr=1e-3,3e-3`), job N in RUN_DIR/N,
+each its own launch (launch/sweep.py). Hydra's flags that print (`--cfg job|hydra|all`, `--resolve`, `-p KEY`,
+`--info`, `--hydra-help`, `--version`) answer as `omni-train` answers them, without starting anything.
 
 Imports neither torch nor the model at start-up (`--help` answers at once); the checks before launch are the
 training layer's (`omni_train.train.loop.preflight`), imported when a launch is asked for.
@@ -33,6 +36,9 @@ from omni_train.errors import DIVERGED, LAUNCHED, ConfigError, Diverged
 
 TRAIN = ["-m", "omni_train.train"]
 FLAGS = ("--dry-run", "--wait")
+# Hydra's flags that print instead of running (answered by `omni-train`'s hydra.main); `-p`/`--package` and `--cfg`
+# take a value.
+HYDRA_PRINT = ("--cfg", "-c", "--info", "-i", "--resolve", "--hydra-help", "--version", "-p", "--package")
 # torchrun's c10d rendezvous shares its TCPStore with the workers by default, and then a node that comes back after
 # a failure never joins the restarted round: the old node caches the store's address and does not publish it again
 # under the new round's keys, the new one waits for it, and both time out (pytorch/pytorch#135712; seen here with
@@ -67,8 +73,9 @@ def command(cfg: Config, overrides: list[str]) -> list[str]:
         node = [] if la.node_rank is None else ["--no_ssh", f"--node_rank={la.node_rank}"]
         # --no_local_rank: the rank is in LOCAL_RANK; a `--local_rank=N` argument would be a bad Hydra override
         return [sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={la.hostfile}",
-                f"--num_nodes={la.nodes}", f"--num_gpus={la.nproc_per_node}", f"--master_addr={la.master_addr}",
-                f"--master_port={la.master_port}", *node, "--no_local_rank", "--module", "omni_train.train",
+                f"--num_nodes={la.nodes}", f"--num_gpus={la.nproc_per_node}",
+                *([f"--master_addr={la.master_addr}"] if la.master_addr else []), f"--master_port={la.master_port}",
+                *node, "--no_local_rank", "--module", "omni_train.train",
                 *overrides]
     raise ConfigError(f"launcher={la.name} has no command line: it submits a script (see sbatch_script)")
 
@@ -123,9 +130,14 @@ def _submit(cfg: Config, overrides: list[str], dry_run: bool, wait: bool) -> int
     done = subprocess.run(["sbatch", "--parsable", *(["--wait"] if wait else []), str(path)],
                           capture_output=True, text=True)
     job = done.stdout.strip().split(";")[0]
-    print(f"omni-launch: {'job ' + job + ' ' if job else ''}submitted {path}; its log: "
-          f"{cfg.launcher.slurm.output.replace('%x', cfg.launcher.slurm.job_name).replace('%j', job or '%j')}"
-          f"{'' if done.returncode == 0 else ' (sbatch: ' + done.stderr.strip() + ')'}", file=sys.stderr)
+    if not job:  # sbatch refused the script: nothing was submitted
+        raise ConfigError(f"sbatch did not submit {path} (exit {done.returncode}): "
+                          f"{' '.join(done.stderr.split()) or 'no message'}")
+    log = cfg.launcher.slurm.output.replace("%x", cfg.launcher.slurm.job_name).replace("%j", job)
+    print(f"omni-launch: job {job} submitted ({path}); its log: {log}", file=sys.stderr)
+    if done.returncode != 0:  # --wait: the job ran and failed
+        print(f"omni-launch: job {job} ended with exit {done.returncode} (sbatch: "
+              f"{' '.join(done.stderr.split())[-300:]}); see its log", file=sys.stderr)
     return done.returncode
 
 
@@ -162,16 +174,33 @@ def launch(argv: list[str]) -> int:
     return code
 
 
+def _run(argv: list[str]) -> int:
+    from launch.sweep import MULTIRUN, multirun
+
+    if any(a.split("=", 1)[0] in HYDRA_PRINT for a in argv):
+        return subprocess.call([sys.executable, *TRAIN, *argv])
+    unknown = [a for a in argv if a.startswith("-") and a not in (*FLAGS, *MULTIRUN)]
+    if unknown:
+        raise ConfigError(f"unknown flag {unknown[0]}: omni-launch takes --dry-run, --wait, -m and Hydra's "
+                          f"{', '.join(HYDRA_PRINT)}; overrides look like key=value (omni-launch --help)")
+    if any(a in MULTIRUN for a in argv):
+        flags = [a for a in argv if a in FLAGS]
+        return multirun("omni-launch", [sys.executable, "-m", "launch.cli"], flags,
+                        [a for a in argv if a not in (*FLAGS, *MULTIRUN)])
+    return launch(argv)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     if argv[:1] in (["-h"], ["--help"]):
         argparse.ArgumentParser(
-            prog="omni-launch", usage="omni-launch [--dry-run] [--wait] OVERRIDES...",
+            prog="omni-launch", usage="omni-launch [--dry-run] [--wait] [-m] OVERRIDES...",
             description=__doc__.split("\n\nImports")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog="Config groups: model, deepspeed, data, stage, launcher (conf/); every key: docs/CONFIG.md.",
         ).print_help()
         return
     try:
-        sys.exit(launch(argv))
+        sys.exit(_run(argv))
     except ConfigError as e:
         print(f"omni-launch: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -82,11 +82,22 @@ def _entry(dict_cfg) -> None:
 
 
 def train(argv: list[str]) -> int:
-    """Hydra's own entry (its flags: --cfg, -m, --help, ...) with `argv` as the command line."""
+    """Hydra's own entry (its flags: --cfg, --info, --help, ...) with `argv` as the command line; `-m` runs each
+    job of the sweep as its own `omni-train` process (launch/sweep.py)."""
     import hydra
 
+    from launch.sweep import MULTIRUN, multirun
+    from omni_train.config.compose import compose
     from omni_train.config.schema import register
 
+    if any(a in MULTIRUN for a in argv):
+        if "RANK" in os.environ:
+            raise ConfigError("-m inside a launched job would run every job on every rank: run the sweep with "
+                              "omni-launch -m OVERRIDES... (each job its own launch)")
+        return multirun("omni-train", [sys.executable, "-m", "omni_train.train"], [],
+                        [a for a in argv if a not in MULTIRUN])
+    if not os.environ.get(LAUNCHED) and not any(a.startswith("-") for a in argv):
+        compose(argv)  # a bad override: one line and exit 2 here, as from omni-launch, not Hydra's report
     register()
     sys.argv = [sys.argv[0], *argv]
     hydra.main(version_base=None, config_path="pkg://omni_train.conf", config_name="config")(_entry)()
@@ -132,10 +143,17 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     for name, (_, text) in COMMANDS.items():
         commands.add_parser(name, help=text, add_help=False)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-") and "=" not in argv[0]:
+        parser.error(f"unknown command {argv[0]!r}: the commands are {', '.join(COMMANDS)}, and without one the "
+                     f"arguments are Hydra overrides (key=value) for `train`")
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]  # `omni-train stage=sft ...`: overrides, not a command
     args = parser.parse_args(argv[:1])
-    sys.exit(COMMANDS[args.command][0](argv[1:]))
+    try:
+        sys.exit(COMMANDS[args.command][0](argv[1:]))
+    except ConfigError as e:
+        print(f"omni-train: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,14 @@ def test_deepspeed_command_takes_the_hostfile(tmp_path, text_shards):
     assert cmd[-4:] == ["--no_local_rank", "--module", "omni_train.train", "stage=sft"]
     own = command(compose(["launcher=deepspeed", f"launcher.hostfile={hostfile}", "launcher.node_rank=1"]), [])
     assert "--no_ssh" in own and "--node_rank=1" in own
+    # Without ssh, each node's launcher must be told where node 0 is (127.0.0.1 would be each node's own loopback);
+    # with ssh DeepSpeed asks the first host itself.
+    with pytest.raises(ConfigError, match="launcher.node_rank=1: every node runs its own launcher .* set it to node "
+                                          "0's address"):
+        validate(compose(["launcher=deepspeed", f"launcher.hostfile={hostfile}", "launcher.node_rank=1",
+                          *data_args(text_shards)]))
+    assert not any(a.startswith("--master_addr") for a in command(compose(
+        ["launcher=deepspeed", f"launcher.hostfile={hostfile}"]), []))
     with pytest.raises(ConfigError, match="launcher.hostfile=None is not a file"):
         validate(compose(["launcher=deepspeed", *data_args(text_shards)]))
     hostfile.write_text("node0 slots=8\nnode1 slots=4\n")
@@ -182,6 +190,17 @@ def test_slurm_job_on_a_real_one_node_cluster(slurm, text_shards, tmp_path):
 
 
 @needs_slurm
+def test_a_script_sbatch_refuses_is_one_line_not_a_submission(slurm, text_shards, tmp_path):
+    done = subprocess.run(launch_cmd("launcher=slurm", "launcher.slurm.partition=no_such_partition",
+                                     f"run_dir={tmp_path / 'run'}", *data_args(text_shards)),
+                          cwd=REPO, env=slurm.env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("omni-launch: error: sbatch did not submit") and "partition" in line.lower(), line
+    assert "submitted" not in done.stderr
+
+
+@needs_slurm
 def test_srun_tasks_take_their_ranks_from_slurm(slurm, text_shards, tmp_path):
     """Training started by `srun` directly (one task per rank, no torchrun): each process reads its rank, the world
     size and the master (the job's first node) from SLURM's variables."""
@@ -286,3 +305,48 @@ def test_a_failure_only_the_workers_see_ends_with_their_code_and_line(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "omni-train: error: 4 corrupt samples in a row in source bad" in result.stderr
     assert "ChildFailedError" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_multirun_runs_every_job_as_its_own_launch_and_records_each(text_shards, tmp_path):
+    """`omni-launch -m`: one job per swept value, job N in RUN_DIR/N, each its own processes (Hydra's in-process
+    multirun crashes the second job in deepspeed.initialize), each recorded with its exit status."""
+    sweep = tmp_path / "sweep"
+    result = run_launch("-m", f"run_dir={sweep}", *data_args(text_shards), "launcher.nproc_per_node=1",
+                        "trainer.max_steps=2", "trainer.warmup_steps=0", "trainer.export=false",
+                        "trainer.lr=1e-3,3e-3")
+    assert result.returncode == 0, result.stderr[-4000:]
+    jobs = json.loads((sweep / "multirun.json").read_text())["jobs"]
+    assert [(j["job"], j["exit"], j["run_dir"]) for j in jobs] == [(0, 0, str(sweep / "0")), (1, 0, str(sweep / "1"))]
+    assert "omni-launch: multirun: 2 of 2 job(s) succeeded" in result.stderr
+    import yaml
+
+    for n, lr in enumerate((1e-3, 3e-3)):
+        assert "trainer.lr=" + str(lr) in jobs[n]["overrides"]
+        assert yaml.safe_load((sweep / str(n) / "config.yaml").read_text())["trainer"]["lr"] == lr
+        assert json.loads((sweep / str(n) / "summary.json").read_text())["steps"] == 2
+
+
+def test_hydra_flags_answer_through_omni_launch_as_through_omni_train(tmp_path):
+    args = ["--cfg", "job", "trainer.lr=0.25", f"run_dir={tmp_path / 'run'}"]
+    via_launch = subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=REPO, capture_output=True,
+                                text=True, timeout=120)
+    via_train = subprocess.run([sys.executable, "-m", "omni_train.train", *args], cwd=REPO, capture_output=True,
+                               text=True, timeout=120)
+    assert via_launch.returncode == via_train.returncode == 0, via_launch.stderr[-2000:]
+    assert via_launch.stdout == via_train.stdout and "lr: 0.25" in via_launch.stdout
+    assert not (tmp_path / "run").exists() and not (REPO / "multirun").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["export"], "unknown command 'export'"),
+    (["trainer.lrr=1"], "Could not override 'trainer.lrr'"),
+    (["-m", "trainer.lr=1e-3,3e-3", "data.max_len=250"],
+     "multirun job 0 (trainer.lr=0.001 data.max_len=250): data.max_len=250 must be a positive multiple"),
+])
+def test_omni_train_refuses_a_bad_command_line_in_one_line_with_exit_2(argv, message, capsys):
+    from omni_train.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err, err

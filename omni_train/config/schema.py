@@ -299,9 +299,11 @@ class LauncherConfig:
     elastic: str = ""
     # Times torchrun restarts the workers after a failure; a restart resumes from the newest complete checkpoint.
     max_restarts: int = 0
-    # DeepSpeed's launcher: its hostfile ("host slots=N" lines) and the first host's address and port.
+    # DeepSpeed's launcher: its hostfile ("host slots=N" lines) and the first host's address and port. Without
+    # master_addr, DeepSpeed asks the first host for its address over ssh; with launcher.node_rank (no ssh) on more
+    # than one node it must be given.
     hostfile: Optional[str] = None
-    master_addr: str = "127.0.0.1"
+    master_addr: Optional[str] = None
     master_port: int = 29500
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 

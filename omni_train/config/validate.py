@@ -126,6 +126,10 @@ def _check_launcher(la: LauncherConfig) -> None:
     if la.name == "deepspeed":
         _check(la.hostfile is not None and os.path.isfile(la.hostfile),
                f"launcher.hostfile={la.hostfile} is not a file: DeepSpeed's launcher needs one ('host slots=N' lines)")
+        _check(la.node_rank is None or la.nodes == 1 or la.master_addr is not None,
+               f"launcher=deepspeed with launcher.node_rank={la.node_rank}: every node runs its own launcher (no ssh) "
+               "and they meet at launcher.master_addr, which is not set: set it to node 0's address as the other "
+               "nodes reach it (launcher.master_addr=node0)")
         slots = _hostfile_slots(la.hostfile)
         short = [h for h, n in list(slots.items())[: la.nodes] if n < la.nproc_per_node]  # DeepSpeed takes the first
         _check(len(slots) >= la.nodes and not short,
