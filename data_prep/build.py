@@ -1,9 +1,10 @@
 """`omni-prep build`: conversations -> webdataset tar shards, once, on CPU workers.
 
-Owns: reading sources (JSONL manifests in Qwen2.5-Omni's message format, paths relative to the manifest; Hugging
-Face `datasets` through a column mapping), turning each conversation into a model-ready sample (decoded and sized
-media, ChatML tokens, labels, TMRoPE positions), setting aside bad samples with their reason, and writing
-size-bounded shards plus `index.json` and `stats.txt`.
+Owns: reading sources (JSONL manifests, a line at a time; a .json file's array; Hugging Face `datasets` directories
+and parquet; records in one of data_prep.formats' formats, or built from columns by an `hf.*` mapping; media paths
+relative to the source), turning each conversation into a model-ready sample (decoded and sized media, ChatML
+tokens, labels, TMRoPE positions), setting aside bad samples with their reason, and writing size-bounded shards
+plus `index.json` and `stats.txt`.
 
 Guarantees: the same input and settings give the same bytes (samples are written in input order; tar headers carry
 no time or owner); a crash leaves only complete shards (each is written under a temporary name and renamed); a
@@ -19,12 +20,14 @@ Talker's data: codec ids of the last assistant turn, a DPO triplet when it has `
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import multiprocessing
 import sys
 import tarfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +35,7 @@ import numpy as np
 
 from data_prep.chatml import SampleError, encode, media_parts
 from data_prep.config import PrepConfig
+from data_prep.formats import MEDIA_LISTS, FormatError, detect, media_value, to_canonical
 from data_prep.layout import SAMPLE_RATE, Media, audio_tokens
 from data_prep.media import (
     MediaError,
@@ -49,6 +53,7 @@ from omni_train.tokens import IGNORE
 
 PROGRESS = "_progress.jsonl"
 MIN_SAMPLES_BEFORE_STOPPING = 20
+AUTO_LOOKAHEAD = 100  # records `format=auto` reads before it gives up on telling the format
 
 
 @dataclass
@@ -62,41 +67,103 @@ class Prepared:
 # ---------------------------------------------------------------------------------------------------- sources
 
 
-def iter_records(source: str, cfg: PrepConfig):
-    """Yield (source_id, record or None, base_dir, error) in input order. A line that is not a record yields its
-    parse error instead, so it can be set aside with its reason."""
+def iter_records(source: str, cfg: PrepConfig) -> tuple[str | None, Iterator[tuple]]:
+    """The format the source is read in (under `format=auto`, the first record's that shows one) and its records:
+    (id, canonical record or None, base_dir, reason) in input order. A line or row that is not a record of that
+    format yields the reason instead, so it can be set aside. The format is `None` only for a source with no
+    record."""
     path = Path(source)
-    if path.suffix == ".jsonl":
-        if not path.is_file():
-            raise ConfigError(f"manifest {path} does not exist")
-        with path.open() as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                sid = f"{path.name}:{line_no}"
-                try:
-                    record = json.loads(line)
-                    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-                        raise ValueError("a line must be an object with a 'messages' list")
-                except ValueError as e:
-                    yield sid, None, path.parent, f"bad JSON line: {e}"
-                    continue
-                yield str(record.get("id", sid)), record, path.parent, None
-        return
-    yield from _hf_records(path, cfg)
+    rows = _rows(path, cfg)
+    fmt = cfg.format
+    if fmt == "auto":
+        # Detection reads ahead a little and puts what it read back: the stream stays in input order.
+        head = list(itertools.islice(rows, AUTO_LOOKAHEAD))
+        fmt = next((f for _, row, _ in head if row is not None and (f := detect(row))), None)
+        if fmt is None and head:
+            raise ConfigError(
+                f"{source}: none of its first {len(head)} records is in a known format (a 'messages' list, a "
+                "'conversations' list, or 'instruction' and 'output'): fix the data or set format=")
+        rows = itertools.chain(head, rows)
+    return fmt, (_canonical(sid, row, error, fmt, path.parent) for sid, row, error in rows)
 
 
-def _hf_records(path: Path, cfg: PrepConfig):
+def _canonical(sid: str, row: dict | None, error: str | None, fmt: str, base_dir: Path) -> tuple:
+    if error is not None:
+        return sid, None, base_dir, error
+    try:
+        return sid, to_canonical(row, fmt), base_dir, None
+    except FormatError as e:
+        return sid, None, base_dir, str(e)
+
+
+def _rows(path: Path, cfg: PrepConfig):
+    """(id, row or None, reason) in input order: a JSONL manifest's lines (read one at a time), a .json file's
+    array, or a `datasets` table's rows; under an hf.* column mapping, the record built from the row's columns."""
+    if path.suffix in (".jsonl", ".json") and not path.is_file():
+        raise ConfigError(f"source {path} does not exist")
+    if path.suffix == ".jsonl" or (path.suffix == ".json" and not _holds_array(path)):
+        raw = _jsonl_rows(path)  # also JSON lines under a .json name, which `datasets` reads too
+    elif path.suffix == ".json":
+        raw = _json_array_rows(path)
+    else:
+        raw = _hf_rows(path, cfg)
+    m = cfg.hf
+    for sid, row, error in raw:
+        if error is not None:
+            yield sid, None, error
+            continue
+        try:
+            sid = str(row[m.id]) if m.id else str(row["id"]) if row.get("id") is not None else sid
+            record = _row_to_record(row, m) if m.maps_columns() else row
+        except (KeyError, TypeError) as e:
+            yield sid, None, f"row does not fit the hf column mapping: {e!r}"
+            continue
+        yield sid, record, None
+
+
+def _jsonl_rows(path: Path):
+    with path.open() as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            sid = f"{path.name}:{line_no}"
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                yield sid, None, f"bad JSON line: {e}"
+                continue
+            yield (sid, row, None) if isinstance(row, dict) else (sid, None, "bad JSON line: not an object")
+
+
+def _holds_array(path: Path) -> bool:
+    """Whether a .json file is one JSON array (its first character but whitespace is `[`), not JSON lines."""
+    with path.open() as f:
+        while (c := f.read(1)).isspace():
+            pass
+    return c == "["
+
+
+def _json_array_rows(path: Path):
+    try:
+        rows = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path} is not a JSON array of records: {e}") from None
+    for i, row in enumerate(rows):
+        yield (f"{path.name}:{i}", row, None) if isinstance(row, dict) else (
+            f"{path.name}:{i}", None, "bad JSON record: not an object")
+
+
+def _hf_rows(path: Path, cfg: PrepConfig):
     import datasets
 
     if path.is_dir():
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[cfg.hf.split]
-    elif path.suffix in (".parquet", ".json"):
-        ds = datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), split=cfg.hf.split)
+    elif path.suffix == ".parquet":
+        ds = datasets.load_dataset("parquet", data_files=str(path), split=cfg.hf.split)
     else:
-        raise ConfigError(f"source {path}: expected a .jsonl manifest, a datasets directory, .parquet or .json")
+        raise ConfigError(f"source {path}: expected a .jsonl manifest, a .json file, a datasets directory or .parquet")
     m = cfg.hf
     # Media stay undecoded (bytes or path): decoding is ours, with the same code as for manifests.
     for col, feature in ((m.audio, datasets.Audio(decode=False)), (m.image, datasets.Image(decode=False))):
@@ -104,12 +171,12 @@ def _hf_records(path: Path, cfg: PrepConfig):
             if col not in ds.column_names:
                 raise ConfigError(f"hf.{'audio' if col == m.audio else 'image'}={col} is not a column of {path}")
             ds = ds.cast_column(col, feature)
+    for col in MEDIA_LISTS.values():  # the record formats' media lists, as lists of Audio/Image/Video cells
+        cell = getattr(ds.features.get(col), "feature", None)
+        if isinstance(cell, (datasets.Audio, datasets.Image, datasets.Video)):
+            ds = ds.cast_column(col, datasets.List(type(cell)(decode=False)))
     for i, row in enumerate(ds):
-        sid = str(row[m.id]) if m.id else f"{path.name}:{i}"
-        try:
-            yield sid, _row_to_record(row, m), path.parent, None
-        except (KeyError, TypeError) as e:
-            yield sid, None, path.parent, f"row does not fit the hf column mapping: {e!r}"
+        yield f"{path.name}:{i}", row, None
 
 
 def _row_to_record(row: dict, m) -> dict:
@@ -118,8 +185,7 @@ def _row_to_record(row: dict, m) -> dict:
     user: list[dict] = []
     for kind, col in (("audio", m.audio), ("image", m.image)):
         if col is not None:
-            value = row[col]
-            user.append({"type": kind, kind: value.get("bytes") or value.get("path")})
+            user.append({"type": kind, kind: media_value(row[col])})
     text = row[m.prompt] if m.prompt else m.prompt_text
     if text:
         user.append({"type": "text", "text": text})
@@ -387,7 +453,7 @@ def build(source: str, out_dir: str, cfg: PrepConfig, tokenizer_path: str | None
         with (out / PROGRESS).open("a") as f:
             f.write(json.dumps(entry) + "\n")
 
-    records = iter_records(source, cfg)
+    fmt, records = iter_records(source, cfg)
     for _ in range(done_items):
         next(records)
     started, bar = time.perf_counter(), _progress_bar(progress)
@@ -415,7 +481,8 @@ def build(source: str, out_dir: str, cfg: PrepConfig, tokenizer_path: str | None
         bar.close()
     index = _write_index(out, header, entries)
     elapsed = time.perf_counter() - started
-    print(f"omni-prep: {index['totals']['samples']} samples in {len(index['shards'])} shards, "
+    reading = f"format=auto read {fmt or 'no'} records" if cfg.format == "auto" else f"format={fmt}"
+    print(f"omni-prep: {reading}, {index['totals']['samples']} samples in {len(index['shards'])} shards, "
           f"{index['totals']['rejected']} rejected ({out / 'rejects.jsonl'}), {elapsed:.1f} s", file=sys.stderr)
     if not index["totals"]["samples"]:
         reasons = index["reject_reasons"]

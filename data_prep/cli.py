@@ -3,8 +3,10 @@
     omni-prep build SOURCE OUTPUT_DIR [key=value ...]   conversations -> shards (see data_prep/build.py)
     omni-prep sample OUTPUT_DIR                          write the sample corpus (see data_prep/sample.py)
 
-SOURCE is a JSONL manifest, a `datasets` directory (`save_to_disk`), or a .parquet / .json file with
-`hf.*` column mappings. Overrides set fields of `data_prep.config.PrepConfig` (e.g. `workers=8 vision.fps=1`).
+SOURCE is a JSONL manifest, a .json file (an array of records), a `datasets` directory (`save_to_disk`) or a
+.parquet file; its records are in the `messages`, `sharegpt` or `alpaca` format (`format=`, told from the first
+records by default; see data_prep/formats.py) or built from columns by `hf.*` mappings. Overrides set fields of
+`data_prep.config.PrepConfig` (e.g. `workers=8 vision.fps=1 format=sharegpt`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="omni-prep", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="prepare conversations into webdataset shards")
-    b.add_argument("source")
+    b.add_argument("source", help="a .jsonl manifest, a .json array, a datasets directory or a .parquet file")
     b.add_argument("output_dir")
-    b.add_argument("overrides", nargs="*", help="key=value settings of PrepConfig")
+    b.add_argument("overrides", nargs="*",
+                   help="key=value settings of PrepConfig (data_prep/config.py), e.g. workers=8 format=sharegpt "
+                        "(messages, sharegpt, alpaca; auto, the default, tells it from the first records)")
     b.add_argument("--tokenizer", default=None, help="a checkpoint directory whose tokenizer to use")
     b.add_argument("--no-progress", action="store_true")
     s = sub.add_parser("sample", help="write the sample corpus (manifest.jsonl + media)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from data_prep.formats import FORMATS
 from data_prep.media import VisionBudget
 from omni_train.errors import ConfigError
 
@@ -27,9 +28,16 @@ class HFSource:
     id: str | None = None
     split: str = "train"
 
+    def maps_columns(self) -> bool:
+        """Whether records are built from the columns above rather than read in one of the record formats."""
+        return any((self.messages, self.prompt, self.prompt_text, self.response, self.audio, self.image))
+
 
 @dataclass
 class PrepConfig:
+    # How a source's records are written: messages, sharegpt, alpaca, or auto (told by the first record that shows
+    # one); see data_prep.formats.
+    format: str = "auto"
     # Frame sampling and pixel budgets (`vision.fps=1`, `vision.video_max_pixels=...`); see data_prep.media.
     vision: VisionBudget = field(default_factory=VisionBudget)
     max_audio_seconds: float = 300.0
@@ -45,6 +53,9 @@ class PrepConfig:
     def validate(self) -> None:
         v = self.vision
         checks = [
+            (self.format in FORMATS, f"format={self.format} is not one of {', '.join(FORMATS)}"),
+            (self.format in ("auto", "messages") or not self.hf.maps_columns(),
+             f"format={self.format} does not apply to hf.* column mappings (they build messages records)"),
             (v.fps > 0, f"vision.fps={v.fps} must be positive"),
             (2 <= v.min_frames <= v.max_frames, f"need 2 <= vision.min_frames={v.min_frames} <= vision.max_frames"),
             (0 < v.image_min_pixels <= v.image_max_pixels, "need 0 < vision.image_min_pixels <= image_max_pixels"),

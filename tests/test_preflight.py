@@ -48,7 +48,7 @@ def test_bad_sources_and_checkpoints_are_one_line_before_any_process(monkeypatch
     manifest.write_text("")
     code, err = _prep(capsys, manifest, tmp_path / "no_samples")
     assert code == 2 and "gave no sample: it holds no record" in err and "Traceback" not in err
-    sharegpt = tmp_path / "sharegpt.jsonl"  # a format this build does not read: every record is set aside
+    sharegpt = tmp_path / "sharegpt.jsonl"  # a conversation without an assistant turn: its one record is set aside
     sharegpt.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}]}) + "\n")
     code, err = _prep(capsys, sharegpt, tmp_path / "all_rejected")
     assert code == 2 and "all 1 records were set aside" in err and "Traceback" not in err
