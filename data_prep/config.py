@@ -21,11 +21,17 @@ class HFSource:
     messages: str | None = None
     # Single-turn mapping: the user's text (or a fixed prompt), the assistant's text, and media columns.
     prompt: str | None = None
+    # A fixed user prompt for every row (instead of a prompt column).
     prompt_text: str | None = None
+    # Column holding the assistant's reply.
     response: str | None = None
+    # Column holding the user's audio (a datasets Audio cell, bytes or a path).
     audio: str | None = None
+    # Column holding the user's image (a datasets Image cell, bytes or a path).
     image: str | None = None
+    # Column holding the sample id (null: the record's 'id' field, else its position).
     id: str | None = None
+    # The split of a DatasetDict source.
     split: str = "train"
 
     def maps_columns(self) -> bool:
@@ -40,13 +46,17 @@ class PrepConfig:
     format: str = "auto"
     # Frame sampling and pixel budgets (`vision.fps=1`, `vision.video_max_pixels=...`); see data_prep.media.
     vision: VisionBudget = field(default_factory=VisionBudget)
+    # An audio longer than this is rejected (Qwen2.5-Omni's limit: 300 s).
     max_audio_seconds: float = 300.0
     # A sample longer than this (after placeholder expansion) is rejected, never cut.
     max_len: int = 32768
+    # A shard is closed once it holds this many bytes.
     shard_bytes: int = 512 * 1024 * 1024
+    # Encoding processes (the shards' bytes do not depend on it).
     workers: int = 2
     # Stop when more than this fraction of the samples seen so far (after the first 20) is rejected.
     max_reject_fraction: float = 0.5
+    # JPEG quality of the resized images and frames stored in the shards.
     jpeg_quality: int = 90
     hf: HFSource = field(default_factory=HFSource)
 

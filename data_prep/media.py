@@ -32,13 +32,21 @@ class VisionBudget:
     """Qwen2.5-Omni's defaults: images 4..16384 merged tokens, video frames 128..768 merged tokens each and about
     128000 x 0.9 in total, sampled at 2 fps (4..768 frames, an even count)."""
 
+    # An image is resized to at least this many pixels (4 merged tokens).
     image_min_pixels: int = 4 * 28 * 28
+    # An image is resized to at most this many pixels (16,384 merged tokens).
     image_max_pixels: int = 16384 * 28 * 28
+    # A video frame gets at least this many pixels (128 merged tokens).
     video_min_pixels: int = 128 * 28 * 28
+    # A video frame gets at most this many pixels (768 merged tokens).
     video_max_pixels: int = 768 * 28 * 28
+    # All of a video's frames together get at most this many pixels (the processor's 0.9 x 128,000 tokens).
     video_total_pixels: int = int(128000 * 28 * 28 * 0.9)
+    # Frames sampled per second of video.
     fps: float = 2.0
+    # Fewest frames sampled from a video.
     min_frames: int = 4
+    # Most frames sampled from a video.
     max_frames: int = 768
 
 

@@ -83,7 +83,9 @@ class ComposeConfig:
     # (WhisperModel or WhisperForConditionalGeneration; its encoder is used) and Qwen2.5-VL (its vision tower).
     # All three or none.
     llm: Optional[str] = None
+    # The Whisper checkpoint directory (see llm).
     audio: Optional[str] = None
+    # The Qwen2.5-VL checkpoint directory (see llm).
     vision: Optional[str] = None
 
     @property
@@ -93,12 +95,17 @@ class ComposeConfig:
 
 @dataclass
 class ModelConfig:
+    # The preset's name (conf/model/NAME.yaml): the architecture's shapes in hf_config.
     preset: str = MISSING
     # A local Hugging Face checkpoint directory; None initialises the preset randomly (or composes, below).
     path: Optional[str] = None
     # Stage-1 initialisation by composition (omni_train/model/keymap.py lists the key mapping); exclusive with `path`.
     compose: ComposeConfig = field(default_factory=ComposeConfig)
+    # Parameter dtype. 16-bit under DeepSpeed trains with its fp32 master weights; deepspeed=none needs float32 or
+    # LoRA.
     dtype: DType = DType.float32
+    # transformers' attention kernel; sdpa runs omni-train's packed per-sample core on the LLM (no L x L mask);
+    # flash_attention_2 needs the flash-attn package and a CUDA GPU.
     attn_implementation: Attention = Attention.sdpa
     # Keyword arguments of transformers' Qwen2_5OmniConfig (thinker_config, talker_config, token2wav_config).
     hf_config: dict[str, Any] = field(default_factory=dict)
@@ -106,16 +113,24 @@ class ModelConfig:
 
 @dataclass
 class DeepSpeedConfig:
+    # The option's name (set by its yaml).
     name: str = MISSING
     # False (deepspeed=none): one process without DeepSpeed, plain torch AdamW (omni_train/train/plain.py): the
     # single-GPU path, e.g. LoRA of the 7B on one card.
     enabled: bool = True
+    # ZeRO stage: 3 partitions parameters, gradients and optimizer state over the data-parallel ranks.
     zero_stage: int = 3
+    # Keep the optimizer state (and its step) in CPU memory.
     offload_optimizer: Offload = Offload.none
+    # Keep the partitioned parameters in CPU memory (needs zero_stage=3).
     offload_param: Offload = Offload.none
+    # Overlap the gradient reduction with the backward pass (DeepSpeed's overlap_comm).
     overlap_comm: bool = False
+    # Elements per gradient reduce-scatter bucket.
     reduce_bucket_size: int = 50_000_000
+    # Elements of parameters ZeRO-3 gathers ahead of their use.
     stage3_prefetch_bucket_size: int = 50_000_000
+    # Parameters smaller than this many elements stay whole on every rank (not partitioned).
     stage3_param_persistence_threshold: int = 100_000
     # Merged verbatim into the generated DeepSpeed JSON, for settings this schema does not name.
     extra: dict[str, Any] = field(default_factory=dict)
@@ -123,20 +138,36 @@ class DeepSpeedConfig:
 
 @dataclass
 class TrainerConfig:
+    # Optimizer steps of the run (the LR schedule's length).
     max_steps: int = 30
+    # Packed rows per rank per micro-batch.
     micro_batch_size: int = 2
+    # Micro-batches per optimizer step (gradient accumulation).
     grad_accum: int = 1
+    # Peak learning rate (AdamW), reached after warmup_steps and decayed by a cosine to lr x min_lr_ratio.
     lr: float = 1e-3
+    # The cosine's floor as a fraction of lr.
     min_lr_ratio: float = 0.1
+    # Steps of linear warm-up to lr.
     warmup_steps: int = 3
+    # AdamW's decoupled weight decay.
     weight_decay: float = 0.0
+    # AdamW's first-moment decay.
     beta1: float = 0.9
+    # AdamW's second-moment decay.
     beta2: float = 0.95
+    # AdamW's epsilon.
     eps: float = 1e-8
+    # Clip the global gradient norm to this (0: no clipping).
     grad_clip: float = 1.0
+    # Seeds the data order and shuffle windows, and the random initialisations (a preset without model.path, LoRA's
+    # adapters).
     seed: int = 1234
+    # Steps between checkpoints in RUN_DIR/checkpoints; the last step is always saved.
     save_every: int = 10
+    # Newest checkpoints kept (older ones are deleted once a newer one is complete).
     keep_last: int = 2
+    # Write RUN_DIR/export (a transformers checkpoint; with LoRA the merged model, and RUN_DIR/adapter) at the end.
     export: bool = True
     # Minutes a collective may wait for a peer during training steps before the job stops (torch's default is 30).
     dist_timeout_min: float = 10.0
@@ -153,7 +184,9 @@ class TrainerConfig:
     # Activation checkpointing (omni_train/model/kernels/activations.py): none | selective (every `checkpoint_every`-th layer) |
     # full (every layer); `offload_activations` keeps the checkpointed inputs in host memory.
     checkpointing: Checkpointing = Checkpointing.none
+    # With checkpointing=selective: every N-th layer is checkpointed.
     checkpoint_every: int = 2
+    # Keep the checkpointed layer inputs in host memory (CPU) until the backward pass.
     offload_activations: bool = False
     # Tokens per tile of the language model's MLPs (DeepSpeed's TiledMLP); 0 runs them whole.
     mlp_chunk: int = 0
@@ -170,6 +203,7 @@ class TrainerConfig:
 
 @dataclass
 class SourceConfig:
+    # The source's name: its share of the mixture is logged under it.
     name: str = MISSING
     # Shards made by `omni-prep build`: its output directory, a glob, a brace list or URLs webdataset opens.
     path: str = MISSING
@@ -179,7 +213,9 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
+    # The option's name (set by its yaml).
     name: str = MISSING
+    # The training shard sets: a list of {name, path, weight} (omni-prep build outputs).
     sources: list[SourceConfig] = MISSING
     # Packed row length; samples are packed whole, a longer sample is set aside and counted.
     max_len: int = 8192
@@ -215,9 +251,13 @@ class LoraConfig:
     `enabled`, the adapters on `targets` and the parameters `train_fully` names train, and every other weight stays
     frozen: `stage.trainable` is not used."""
 
+    # Train low-rank adapters instead of the weights.
     enabled: bool = False
+    # The adapters' rank.
     r: int = 16
+    # LoRA's scaling numerator: the update is (alpha / r) B A.
     alpha: float = 32.0
+    # Dropout on the adapters' input.
     dropout: float = 0.05
     # Linear modules that get adapters: glob patterns of module names in the stage's module (as in stage.trainable,
     # e.g. "thinker.model.language_model.layers.*.self_attn.q_proj") or groups: llm, audio_encoder, vision_encoder,
@@ -231,6 +271,7 @@ class LoraConfig:
 
 @dataclass
 class StageConfig:
+    # The stage's name (its yaml); run_dir defaults to outputs/NAME.
     name: str = MISSING
     # Glob-style patterns of parameter names that train, or module groups (llm, audio_encoder, vision_encoder,
     # audio_adapter, vision_adapter; omni_train/train/engine.py GROUPS); everything else is frozen. ["*"] trains all.
@@ -259,7 +300,9 @@ class TalkerConfig:
 class LoggingConfig:
     # wandb: offline unless the user opts in; the API key comes from the environment, never from config.
     wandb_mode: WandbMode = WandbMode.offline
+    # The wandb project runs are logged under.
     wandb_project: str = "omni-train"
+    # A progress bar on rank 0's console (tqdm); off in logs and tests.
     progress_bar: bool = True
     # The step metrics and evaluations also as TensorBoard scalars in run_dir/tensorboard (needs the tensorboard
     # package: pip install 'omni-train[tensorboard]').
@@ -268,12 +311,17 @@ class LoggingConfig:
 
 @dataclass
 class SlurmConfig:
+    # sbatch --partition (null: the cluster's default).
     partition: Optional[str] = None
+    # sbatch --account (null: the user's default).
     account: Optional[str] = None
+    # sbatch --time: the job's wall-clock limit.
     time: str = "01:00:00"
     # GPUs per node to request (0: none, e.g. a CPU cluster); nproc_per_node processes run on each node.
     gpus_per_node: int = 0
+    # sbatch --cpus-per-task: CPUs for a node's torchrun and its ranks.
     cpus_per_task: int = 2
+    # sbatch --job-name (%x in output).
     job_name: str = "omni-train"
     # Where sbatch writes each job's log (%x job name, %j job id); relative paths are under run_dir.
     output: str = "logs/%x-%j.out"
@@ -283,9 +331,11 @@ class SlurmConfig:
 
 @dataclass
 class LauncherConfig:
+    # The option's name (set by its yaml): local, torchrun, deepspeed or slurm; none when omni-train runs alone.
     name: Launcher = Launcher.none
     # Processes per machine (GPUs per node on a cluster); `omni-launch` starts them, `omni-train` is one of them.
     nproc_per_node: int = 1
+    # Machines in the job.
     nodes: int = 1
     # torchrun: this machine's index among the nodes (None: c10d assigns one on arrival).
     node_rank: Optional[int] = None
@@ -319,6 +369,7 @@ class Config:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     talker: TalkerConfig = field(default_factory=TalkerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Where the run writes (config.yaml, metrics.jsonl, checkpoints/, export/, summary.json).
     run_dir: str = "outputs/${stage.name}"
     # none: start fresh (refused if run_dir has checkpoints); auto: newest complete checkpoint in run_dir.
     resume: str = "none"
