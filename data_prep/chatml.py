@@ -12,20 +12,13 @@ from __future__ import annotations
 import numpy as np
 
 from data_prep.layout import Media, expand
-from omni_train.tokens import IGNORE, MEDIA
+from omni_train.tokens import IGNORE, MEDIA, PLACEHOLDERS
 
 ROLES = ("system", "user", "assistant")
 
 
 class SampleError(ValueError):
     """A conversation that cannot become a training sample; the message is the reason recorded for it."""
-
-
-PLACEHOLDERS = {
-    "audio": "<|audio_bos|><|AUDIO|><|audio_eos|>",
-    "image": "<|vision_bos|><|IMAGE|><|vision_eos|>",
-    "video": "<|vision_bos|><|VIDEO|><|vision_eos|>",
-}
 
 
 def _parts(content) -> list[dict]:

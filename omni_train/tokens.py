@@ -32,5 +32,17 @@ IMAGE = SPECIAL_TOKENS["<|IMAGE|>"]
 VIDEO = SPECIAL_TOKENS["<|VIDEO|>"]
 MEDIA = (AUDIO, IMAGE, VIDEO)
 
+# One placeholder per media item in ChatML text, as Qwen2.5-Omni's chat template writes them; data_prep.layout (and
+# transformers' processor) expand the middle token into the item's run.
+PLACEHOLDERS = {
+    "audio": "<|audio_bos|><|AUDIO|><|audio_eos|>",
+    "image": "<|vision_bos|><|IMAGE|><|vision_eos|>",
+    "video": "<|vision_bos|><|VIDEO|><|vision_eos|>",
+}
+# The attribute names under which transformers' Qwen2_5OmniProcessor reads these tokens from its tokenizer.
+NAMED_TOKENS = {"audio_token": "<|AUDIO|>", "image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>",
+                "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
+                "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>"}
+
 # The label of a position that the loss skips (torch's cross_entropy ignore_index default, transformers' too).
 IGNORE = -100

@@ -64,12 +64,31 @@ def tiny_export(tmp_path_factory) -> Path:
 
     from omni_train.model.build import build_thinker
     from omni_train.model.keymap import hub_name
+    from omni_train.tokenizer import load_tokenizer
     from omni_train.train.export import export_pretrained
     from tests.helpers.models import tiny_model_config
 
     torch.manual_seed(0)
     thinker = build_thinker(tiny_model_config(), None)
-    return export_pretrained(thinker, tmp_path_factory.mktemp("tiny") / "model", rename=hub_name)
+    return export_pretrained(thinker, tmp_path_factory.mktemp("tiny") / "model", load_tokenizer(), rename=hub_name)
+
+
+@pytest.fixture(scope="session")
+def tiny_full_export(tmp_path_factory) -> Path:
+    """A randomly initialised tiny full model (Thinker, Talker, Token2Wav, one seeded random voice; seed 0), exported
+    as the Talker stages export it: what transformers' Qwen2_5OmniForConditionalGeneration loads, untrained."""
+    import torch
+
+    from omni_train.model.build import build_talker, build_thinker, build_token2wav, load_speakers, omni_config
+    from omni_train.tokenizer import load_tokenizer
+    from omni_train.train.export import export_omni
+    from tests.helpers.models import tiny_model_config
+
+    cfg = tiny_model_config()
+    torch.manual_seed(0)
+    thinker, (talker, _), token2wav = build_thinker(cfg, None), build_talker(cfg, None), build_token2wav(cfg)
+    return export_omni(thinker, talker, token2wav, omni_config(cfg), load_speakers(cfg, "Chelsie"),
+                       tmp_path_factory.mktemp("tiny_full") / "export", load_tokenizer())
 
 
 def data_args(shards: Path, workers: int = 0) -> list[str]:

@@ -18,9 +18,18 @@ CONVERSATION = [
 def test_input_ids_equal_the_chat_template_tokenization():
     tok = load_tokenizer()
     sample = encode(CONVERSATION, tok)
-    flat = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
-             m["content"][0]["text"]} for m in CONVERSATION]
-    assert sample["input_ids"].tolist() == tok.apply_chat_template(flat, tokenize=True)["input_ids"]
+    assert sample["input_ids"].tolist() == tok.apply_chat_template(CONVERSATION, tokenize=True)["input_ids"]
+
+
+def test_the_chat_template_writes_one_placeholder_per_media_part_as_render_does():
+    from data_prep.chatml import render
+
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}, {"type": "image", "image": "b.png"},
+                                             {"type": "video", "video": "c.mp4"}, {"type": "text", "text": "Why?"}]},
+                {"role": "assistant", "content": "Because."}]
+    text = load_tokenizer().apply_chat_template(messages, tokenize=False)
+    assert text == render(messages)[0]
+    assert "<|audio_bos|><|AUDIO|><|audio_eos|><|vision_bos|><|IMAGE|><|vision_eos|><|vision_bos|><|VIDEO|>" in text
 
 
 def test_labels_only_on_assistant_content_and_im_end():

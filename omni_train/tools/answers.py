@@ -12,7 +12,8 @@ positions) up to <|im_end|> or `max_new_tokens`, and the answer is compared with
 both overall and per modality set (`by_modality`, named as index.json counts them: `audio`, `image`, `text`,
 `video+video_audio`, ...), with every sample's answer, reference and scores. A record that training would set aside
 (an unreadable medium, no assistant turn, too long) is set aside here with its reason, never scored.
-`omni-train eval MODEL --answers MANIFEST` runs it; so does the demo on its held-out conversations.
+`omni-train eval MODEL --answers MANIFEST` runs it; so does the demo on its held-out conversations. `answer` (the
+greedy answer in place of a conversation's last assistant turn) is also what `omni-train chat` replies with.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def answers_task(model_dir: str, manifest: str, max_new_tokens: int = 64, limit:
     from data_prep.chatml import SampleError
     from omni_train.model.talker import response_span
     from omni_train.tokenizer import load_tokenizer
-    from omni_train.tools.conversation import greedy_answer, prepare_sample, sample_inputs
+    from omni_train.tools.conversation import prepare_sample
     from omni_train.tools.scorers import normal_words, word_edits
 
     thinker = load_thinker(model_dir)
@@ -52,16 +53,27 @@ def answers_task(model_dir: str, manifest: str, max_new_tokens: int = 64, limit:
             set_aside.append({"id": rid, "reason": str(e)})
             continue
         reference = tokenizer.decode(prepared.sample.input_ids[start:start + length])
-        answer, tokens = greedy_answer(thinker, tokenizer, sample_inputs(prepared, prepared.sample.input_ids[:start]), max_new_tokens)
-        edits, words = word_edits(reference, answer)
+        text, tokens = answer(thinker, tokenizer, prepared, max_new_tokens)
+        edits, words = word_edits(reference, text)
         results.append({"id": rid, "modality": "+".join(prepared.modalities), "reference": reference,
-                        "answer": answer, "answer_tokens": tokens.tolist(), "word_edits": edits,
-                        "reference_words": words, "exact": normal_words(answer) == normal_words(reference)})
+                        "answer": text, "answer_tokens": tokens.tolist(), "word_edits": edits,
+                        "reference_words": words, "exact": normal_words(text) == normal_words(reference)})
     by_modality = {}
     for modality in sorted({r["modality"] for r in results}):
         by_modality[modality] = _scores([r for r in results if r["modality"] == modality])
     return {**_scores(results), "set_aside": set_aside, "max_new_tokens": max_new_tokens,
             "by_modality": by_modality, "details": results}
+
+
+def answer(thinker, tokenizer, prepared, max_new_tokens: int):
+    """The Thinker's greedy answer in place of the last assistant turn of a prepared conversation
+    (omni_train/tools/conversation.py): its text and its tokens (the stop token included). Raises ValueError when
+    the conversation has no assistant turn."""
+    from omni_train.model.talker import response_span
+    from omni_train.tools.conversation import greedy_answer, sample_inputs
+
+    start, _ = response_span(prepared.sample.labels)
+    return greedy_answer(thinker, tokenizer, sample_inputs(prepared, prepared.sample.input_ids[:start]), max_new_tokens)
 
 
 def _scores(results: list[dict]) -> dict:

@@ -1,8 +1,9 @@
 """Export: ZeRO-3 shards -> a Hugging Face checkpoint directory that `from_pretrained` loads.
 
 Owns: gathering the partitioned parameters one module at a time (never the whole model on one rank at once
-beyond what rank 0 writes out), writing safetensors shards of bounded size with an index, the model config and
-the tokenizer, into a temporary directory that is renamed into place only when complete.
+beyond what rank 0 writes out), writing safetensors shards of bounded size with an index, the model config, and the
+tokenizer with the processor settings that transformers' Qwen2_5OmniProcessor reads (`save_processor`), into a
+temporary directory that is renamed into place only when complete.
 """
 
 from __future__ import annotations
@@ -121,8 +122,41 @@ def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer=No
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_processor(tmp, tokenizer)
     return _commit(tmp, out)
+
+
+def save_processor(out_dir: Path, tokenizer) -> None:
+    """The processor files of Qwen2.5-Omni's released checkpoint, with the values our data path uses: the tokenizer
+    (its chat template renders as data_prep.chatml does, omni_train.tokenizer) and one `preprocessor_config.json`
+    holding transformers' WhisperFeatureExtractor settings (16 kHz, 128 mel bins, hop 160, n_fft 400, clips up to
+    omni-prep's max_audio_seconds) and its Qwen2-VL image processor's (14-px patches, temporal patch 2, 2 x 2 merge,
+    CLIP mean and std, omni-prep's image pixel budget), under `processor_class: Qwen2_5OmniProcessor`.
+
+    No video_preprocessor_config.json, as in the released checkpoint: transformers reads the video processor's
+    settings from preprocessor_config.json, and Qwen2_5OmniProcessor's own video defaults (128..768 merged tokens per
+    frame) equal omni-prep's."""
+    from transformers import WhisperFeatureExtractor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from data_prep.config import PrepConfig
+    from data_prep.layout import HOP, MERGE, PATCH, SAMPLE_RATE, TEMPORAL_PATCH
+    from omni_train.data.features import CLIP_MEAN, CLIP_STD, N_FFT, N_MELS
+
+    prep = PrepConfig()
+    audio = WhisperFeatureExtractor(feature_size=N_MELS, sampling_rate=SAMPLE_RATE, hop_length=HOP, n_fft=N_FFT,
+                                    chunk_length=int(prep.max_audio_seconds), return_attention_mask=True)
+    # The PIL variant: its settings are the same as the torchvision one's (it names itself Qwen2VLImageProcessor),
+    # and it needs no torchvision to be built here.
+    vision = Qwen2VLImageProcessorPil(min_pixels=prep.vision.image_min_pixels, max_pixels=prep.vision.image_max_pixels,
+                                      patch_size=PATCH, temporal_patch_size=TEMPORAL_PATCH, merge_size=MERGE,
+                                      image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    # The released checkpoint's layout: both in one file (transformers' processor would nest them in
+    # processor_config.json, but it cannot be built without torchvision's video processor).
+    settings = {**json.loads(audio.to_json_string()), **json.loads(vision.to_json_string()),
+                "processor_class": "Qwen2_5OmniProcessor"}
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    tokenizer.save_pretrained(out_dir)
 
 
 def export_adapter(model: nn.Module, out_dir: str | os.PathLike, lora, base: str | None, rename=None) -> Path | None:
