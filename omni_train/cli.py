@@ -7,6 +7,8 @@
     omni-train eval MODEL OVERRIDES...      held-out loss (and with --speech, spoken WER) of a saved model
                                            (omni_train/tools/evaluate.py)
     omni-train report RUN_DIR...            PNG curves and a markdown page of runs (omni_train/tools/report.py)
+    omni-train chat EXPORT [--prompt ...]   talk to an export: text and media in, the answer out, with a full model
+                                           its speech as a WAV (omni_train/tools/chat.py)
 
 Owns the command table and how a training process ends: a user error is one line and exit 2; a lost peer is one
 line naming it (omni_train/train/liveness.py) and exit 3, after which a job with `launcher.max_restarts` resumes;

@@ -99,3 +99,23 @@ def test_7b_preset_has_the_released_component_sizes():
     assert billions(thinker.model.language_model) + billions(thinker.lm_head) == pytest.approx(7.62, abs=0.01)
     assert billions(thinker.model.visual) == pytest.approx(0.675, abs=0.01)
     assert billions(thinker.model.audio_tower) == pytest.approx(0.64, abs=0.01)
+
+
+def test_progress_of_long_work_says_the_share_done_and_the_time_left_and_nothing_for_short_work(capsys,
+                                                                                                 monkeypatch):
+    from omni_train import progress
+
+    clock = iter([0.0, 10.0, 40.0, 45.0, 100.0])  # start, three advances, close
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    work = progress.Progress("export to out", 4 * 2**30)
+    for _ in range(3):
+        work.advance(2**30)
+    work.close()
+    assert capsys.readouterr().err.splitlines() == [
+        "omni-train: export to out: 2.0 of 4.0 GB (50%), 40 s so far, about 40 s left",
+        "omni-train: export to out: 3.0 GB in 100 s"]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: 1.0)
+    quick = progress.Progress("loading x", 2**30)
+    quick.advance(2**30)
+    quick.close()
+    assert capsys.readouterr().err == ""

@@ -52,6 +52,15 @@ def test_loss_falls_over_30_steps(reference):
     assert last < first - 1.0, (first, last)
 
 
+def test_the_run_log_holds_the_stage_line_and_every_step(reference):
+    import re
+
+    log = (reference / "train.log").read_text()
+    assert re.search(r"\[rank 0\]\[INFO\] stage sft: [\d,]+ of [\d,]+ parameters train", log), log[:2000]
+    steps = [int(s) for s in re.findall(r"\[rank 0\]\[INFO\] step (\d+)/30: loss ", log)]
+    assert steps == list(range(1, STEPS + 1)), steps
+
+
 def test_each_rank_holds_half_of_the_parameters(reference):
     summary = json.loads((reference / "summary.json").read_text())
     assert summary["world_size"] == 2

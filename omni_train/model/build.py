@@ -33,6 +33,7 @@ from omni_train.errors import ConfigError
 from omni_train.files import is_complete
 from omni_train.model import keymap
 from omni_train.model.keymap import Source
+from omni_train.progress import Progress
 from omni_train.tokens import VISION_BOS, VISION_EOS
 
 DTYPES = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16, DType.float16: torch.float16}
@@ -262,6 +263,8 @@ def load_weights(model: nn.Module, plan: dict[str, Source], unexpected: list[str
         full = handle(source.file).get_tensor(source.key)
         return full.chunk(source.parts, dim=0)[source.part] if source.parts > 1 else full
 
+    progress = Progress(f"loading {origin}", sum(getattr(params[n], "ds_numel", params[n].numel()) *
+                                                 params[n].element_size() for n in plan if n in params))
     with torch.no_grad():
         for module_name, module in model.named_modules():
             scope = f"{module_name}." if module_name else ""
@@ -274,6 +277,8 @@ def load_weights(model: nn.Module, plan: dict[str, Source], unexpected: list[str
                         p.data.copy_(tensor(name).to(p.dtype))
             for name, b in own_buffers.items():
                 b.copy_(tensor(name).to(b.dtype))
+            progress.advance(sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in own.values()))
+    progress.close()
 
 
 def _check_plan(model: nn.Module, plan: dict[str, Source], unexpected: list[str], origin: str,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from omni_train import dist
+from omni_train.progress import Progress
 
 MAX_SHARD_BYTES = 5 * 1024**3
 ADAPTER_DIR = "adapter"  # a LoRA stage's PEFT adapter directory, beside RUN_DIR/export (merged)
@@ -91,9 +92,12 @@ def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer=No
     tmp = _begin(out)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
+    progress = Progress(f"export to {out}", sum(getattr(p, "ds_numel", p.numel()) * p.element_size()
+                                                 for p in model.parameters()))
     for name, tensor in _state_dict_stream(model):
         name = rename(name) if rename else name
         nbytes = tensor.numel() * tensor.element_size()
+        progress.advance(nbytes)
         if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
             save_file(shards[-1], tmp / f"part-{len(shards):05d}.safetensors", metadata={"format": "pt"})
             shards[-1] = dict.fromkeys(shards[-1])  # keep names for the index, free the tensors
@@ -102,6 +106,7 @@ def export_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenizer=No
         shards[-1][name] = tensor.contiguous()
         size += nbytes
 
+    progress.close()
     if rank == 0:
         n = len(shards)
         save_file(shards[-1], tmp / f"part-{n:05d}.safetensors", metadata={"format": "pt"})

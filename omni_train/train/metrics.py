@@ -8,6 +8,7 @@ dropped (and TensorBoard's events past it purged), so the run reads as one unint
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -24,6 +25,10 @@ SECRET_KEY = re.compile(r"^(?:.*[_.-])?(?:api_?key|token|secret|secret_key|passw
                         re.IGNORECASE)
 
 
+# RUN_DIR/train.log (conf/config.yaml's job_logging): the run's console lines and one line per step
+RUN_LOG = logging.getLogger("omni_train.run")
+
+
 def redact(obj):
     """Drop values of keys that look like credentials (a wandb key must never reach a log or a saved config)."""
     if isinstance(obj, dict):
@@ -37,7 +42,7 @@ class Metrics:
     def __init__(self, cfg: LoggingConfig, run_dir: str, rank: int, total_steps: int, start_step: int,
                  run_config: dict):
         self.active = rank == 0
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path, self.total_steps = Path(run_dir) / "metrics.jsonl", total_steps
         self.bar = self.wandb = self.tensorboard = None
         if not self.active:
             return
@@ -77,6 +82,9 @@ class Metrics:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         self._scalars(record["step"], record)
+        RUN_LOG.info(f"step {record['step']}/{self.total_steps}: " + " ".join(
+            f"{k} {v:.4g}" for k, v in record.items() if k in ("loss", "lr", "grad_norm", "tokens_per_s")
+            and isinstance(v, float)))
         if self.bar is not None:
             self.bar.update(record["step"] - self.bar.n)
             self.bar.set_postfix(
@@ -106,6 +114,7 @@ class Metrics:
         """One line on the console (above the progress bar), rank 0 only."""
         if not self.active:
             return
+        RUN_LOG.info(message)
         if self.bar is not None:
             self.bar.write(f"omni-train: {message}", file=sys.stderr)
         else:
