@@ -26,7 +26,7 @@ import multiprocessing
 import sys
 import tarfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +54,7 @@ from omni_train.tokens import IGNORE
 PROGRESS = "_progress.jsonl"
 MIN_SAMPLES_BEFORE_STOPPING = 20
 AUTO_LOOKAHEAD = 100  # records `format=auto` reads before it gives up on telling the format
+WINDOW_PER_WORKER = 8  # records in flight per worker (in_order)
 
 
 @dataclass
@@ -432,13 +433,19 @@ def _read_progress(out_dir: Path, header: dict) -> list[dict]:
     return entries
 
 
+def part_dir(out_dir: str | Path, i: int, n: int) -> Path:
+    return Path(out_dir) / f"part-{i}-of-{n}"
+
+
 def build(source: str, out_dir: str, cfg: PrepConfig, tokenizer_path: str | None = None, progress: bool = True) -> dict:
-    """Prepare every conversation of `source` into shards under `out_dir`; returns the index."""
-    out = Path(out_dir)
+    """Prepare every conversation of `source` (with `cfg.part` I/N, those whose index is I modulo N, into
+    OUT_DIR/part-I-of-N) into shards; returns the index."""
+    part = cfg.parts()
+    out = part_dir(out_dir, *part) if part else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(tokenizer_path)
     header = {"source": str(Path(source).resolve()), "tokenizer_hash": tokenizer_hash(tokenizer),
-              "config": cfg.fingerprint()}
+              "config": cfg.fingerprint(), **({"part": list(part)} if part else {})}
     entries = _read_progress(out, header)
     done_items = sum(e["samples"] + len(e["rejects"]) for e in entries)
     writer = ShardWriter(out, cfg.shard_bytes, first_index=sum(1 for e in entries if e["samples"]),
@@ -454,12 +461,14 @@ def build(source: str, out_dir: str, cfg: PrepConfig, tokenizer_path: str | None
             f.write(json.dumps(entry) + "\n")
 
     fmt, records = iter_records(source, cfg)
+    if part:
+        records = itertools.islice(records, part[0], None, part[1])
     for _ in range(done_items):
         next(records)
-    started, bar = time.perf_counter(), _progress_bar(progress, source, done_items)
+    started, bar = time.perf_counter(), _progress_bar(progress, source, done_items, part)
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, tokenizer_path, Path(source).name)) as pool:
-        for sid, prepared, reason in pool.imap(_work, records, chunksize=2):
+        for sid, prepared, reason in in_order(pool, _work, records, window=WINDOW_PER_WORKER * cfg.workers):
             seen += 1
             if prepared is None:
                 rejected += 1
@@ -482,8 +491,11 @@ def build(source: str, out_dir: str, cfg: PrepConfig, tokenizer_path: str | None
     index = _write_index(out, header, entries)
     elapsed = time.perf_counter() - started
     reading = f"format=auto read {fmt or 'no'} records" if cfg.format == "auto" else f"format={fmt}"
-    print(f"omni-prep: {reading}, {index['totals']['samples']} samples in {len(index['shards'])} shards, "
-          f"{index['totals']['rejected']} rejected ({out / 'rejects.jsonl'}), {elapsed:.1f} s", file=sys.stderr)
+    t = index["totals"]
+    print(f"omni-prep: {reading}, {t['samples']} samples in {len(index['shards'])} shards, "
+          f"{sum(t['media_seconds'].values()) / 3600:.2f} media hours, {t['rejected']} rejected "
+          f"({out / 'rejects.jsonl'}), {elapsed:.1f} s ({(seen - done_items) / max(elapsed, 1e-9):.1f} samples/s)",
+          file=sys.stderr)
     if not index["totals"]["samples"]:
         reasons = index["reject_reasons"]
         common = max(reasons, key=reasons.get) if reasons else None
@@ -507,9 +519,9 @@ def load_index(shard_dir: str | Path, tokenizer) -> dict:
     return index
 
 
-def _progress_bar(enabled: bool, source: str, done: int):
-    """tqdm over the records, with their total (and so an ETA) for a JSONL manifest: its non-blank lines, counted
-    in one streaming pass over its bytes (about a second per GB)."""
+def _progress_bar(enabled: bool, source: str, done: int, part: tuple[int, int] | None):
+    """tqdm over the records, with their total (and so an ETA) for a JSONL manifest: its non-blank lines (a part's
+    share of them), counted in one streaming pass over its bytes (about a second per GB)."""
     if not enabled:
         return None
     from tqdm import tqdm
@@ -518,7 +530,22 @@ def _progress_bar(enabled: bool, source: str, done: int):
     if Path(source).suffix == ".jsonl":
         with open(source, "rb") as f:
             total = sum(1 for line in f if line.strip())
-    return tqdm(desc="prep", unit="sample", dynamic_ncols=True, total=total, initial=done)
+        if part:
+            total = len(range(part[0], total, part[1]))
+    return tqdm(desc="prep" + (f" part {part[0]}/{part[1]}" if part else ""), unit="sample", dynamic_ncols=True,
+                total=total, initial=done)
+
+
+def in_order(pool, fn, items, window: int):
+    """`pool.imap(fn, items)` with at most `window` items read ahead of the results taken: memory stays bounded
+    by the window, whatever the source's size (a result the writer has not taken yet holds its media bytes)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def _write_rejects(out: Path, entries: list[dict]) -> list[dict]:
@@ -531,6 +558,12 @@ def _write_index(out: Path, header: dict, entries: list[dict]) -> dict:
     rejects = _write_rejects(out, entries)
     shards = [{k: e[k] for k in ("name", "samples", "tokens", "bytes", "media_seconds", "modalities")}
               for e in entries if e["samples"]]
+    return write_index(out, header, shards, rejects)
+
+
+def write_index(out: Path, header: dict, shards: list[dict], rejects: list[dict]) -> dict:
+    """index.json (the header, the shards with their paths relative to `out`, totals, reject reasons) and
+    stats.txt, of a build or of merged parts (data_prep/parts.py)."""
     totals = {"samples": sum(s["samples"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
               "rejected": len(rejects), "media_seconds": {}, "modalities": {}}
     for s in shards:

@@ -6,10 +6,12 @@ validation, so that a wrong key or value stops the build with one line before an
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 from data_prep.formats import FORMATS
 from data_prep.media import VisionBudget
+from omni_train.config.schema import SlurmConfig
 from omni_train.errors import ConfigError
 
 
@@ -40,6 +42,18 @@ class HFSource:
 
 
 @dataclass
+class PrepLauncher:
+    """Running the parts of a build: `launcher=local` as processes here, `launcher=slurm` as a SLURM job array."""
+
+    # none (one process, or the one part= names), local or slurm.
+    name: str = "none"
+    # Parts of the build: N parts, each its own process (local) or array task (slurm), then the merge.
+    array: int = 1
+    # The array's sbatch options (partition, time, cpus_per_task, ...), as omni-launch's launcher.slurm.
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+@dataclass
 class PrepConfig:
     # How a source's records are written: messages, sharegpt, alpaca, or auto (told by the first record that shows
     # one); see data_prep.formats.
@@ -59,6 +73,18 @@ class PrepConfig:
     # JPEG quality of the resized images and frames stored in the shards.
     jpeg_quality: int = 90
     hf: HFSource = field(default_factory=HFSource)
+    # "I/N": build part I of N, the records whose index in the source is I modulo N, into OUTPUT_DIR/part-I-of-N/
+    # (its own shards, index, rejects and resume); `omni-prep merge OUTPUT_DIR` joins the N parts. Empty: all.
+    part: str = ""
+    # How the parts are run (launcher=local or launcher=slurm with launcher.array=N; see data_prep/parts.py).
+    launcher: PrepLauncher = field(default_factory=PrepLauncher)
+
+    def parts(self) -> tuple[int, int] | None:
+        """(I, N) of `part`, None for a whole build."""
+        if not self.part:
+            return None
+        i, _, n = self.part.partition("/")
+        return int(i), int(n)
 
     def validate(self) -> None:
         v = self.vision
@@ -76,15 +102,25 @@ class PrepConfig:
             (self.workers >= 1, f"workers={self.workers} must be at least 1"),
             (0 <= self.max_reject_fraction <= 1, "max_reject_fraction must lie in [0, 1]"),
             (1 <= self.jpeg_quality <= 100, f"jpeg_quality={self.jpeg_quality} must lie in [1, 100]"),
+            (not self.part or bool(re.fullmatch(r"\d+/\d+", self.part)) and 0 <= int(self.part.split("/")[0])
+             < int(self.part.split("/")[1]), f"part={self.part} must be I/N with 0 <= I < N (e.g. part=0/4)"),
+            (self.launcher.name in ("none", "local", "slurm"),
+             f"launcher={self.launcher.name} must be local or slurm (omni-prep runs its parts itself or as a SLURM "
+             "job array)"),
+            (self.launcher.array >= 1, f"launcher.array={self.launcher.array} must be at least 1"),
+            (self.launcher.name == "none" or not self.part,
+             "part= and launcher= exclude each other: the launcher runs every part itself"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
 
     def fingerprint(self) -> dict:
-        """What determines the bytes of the shards (workers do not)."""
+        """What determines the bytes of the shards (workers, the part and the launcher do not: the parts of one
+        build share it)."""
         d = asdict(self)
-        d.pop("workers")
+        for key in ("workers", "part", "launcher"):
+            d.pop(key)
         return d
 
 
@@ -92,6 +128,8 @@ def from_overrides(overrides: list[str]) -> PrepConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    # `launcher=slurm` reads as the launcher's name, as it does for omni-launch's config group
+    overrides = [f"launcher.name={o.split('=', 1)[1]}" if o.startswith("launcher=") else o for o in overrides]
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got {bad}")

@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from omni_train import slurm
 from omni_train.config.compose import compose
 from omni_train.config.schema import Config, Launcher
 from omni_train.errors import DIVERGED, LAUNCHED, ConfigError, Diverged
@@ -86,13 +86,7 @@ def sbatch_script(cfg: Config, overrides: list[str]) -> str:
     la, sl = cfg.launcher, cfg.launcher.slurm
     output = sl.output if os.path.isabs(sl.output) else os.path.join(os.path.abspath(cfg.run_dir), sl.output)
     port = la.rdzv_endpoint.rpartition(":")[2]
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={sl.job_name}", f"#SBATCH --nodes={la.nodes}",
-             "#SBATCH --ntasks-per-node=1", f"#SBATCH --cpus-per-task={sl.cpus_per_task}",
-             f"#SBATCH --time={sl.time}", f"#SBATCH --output={output}", f"#SBATCH --chdir={os.getcwd()}"]
-    lines += [f"#SBATCH --gpus-per-node={sl.gpus_per_node}"] if sl.gpus_per_node else []
-    lines += [f"#SBATCH --partition={sl.partition}"] if sl.partition else []
-    lines += [f"#SBATCH --account={sl.account}"] if sl.account else []
-    lines += [f"#SBATCH {line}" for line in sl.extra]
+    lines = slurm.header(sl, la.nodes, output)
     run = _torchrun(la, "$SLURM_JOB_NUM_NODES", "$head_node:" + port, "$SLURM_JOB_ID", None)
     quoted = " ".join(arg if arg.startswith(("--rdzv", "--nnodes")) else shlex.quote(arg)
                       for arg in [*run, *TRAIN, *overrides])
@@ -120,25 +114,16 @@ def _submit(cfg: Config, overrides: list[str], dry_run: bool, wait: bool) -> int
     if dry_run:
         print(script, end="")
         return 0
-    if shutil.which("sbatch") is None:
-        raise ConfigError("launcher=slurm needs sbatch on PATH: run omni-launch on a SLURM login node (or use "
-                          "--dry-run to print the script)")
     path = Path(cfg.run_dir) / "slurm.sbatch"
     path.parent.mkdir(parents=True, exist_ok=True)
     (Path(cfg.run_dir) / os.path.dirname(cfg.launcher.slurm.output)).mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, script)
-    done = subprocess.run(["sbatch", "--parsable", *(["--wait"] if wait else []), str(path)],
-                          capture_output=True, text=True)
-    job = done.stdout.strip().split(";")[0]
-    if not job:  # sbatch refused the script: nothing was submitted
-        raise ConfigError(f"sbatch did not submit {path} (exit {done.returncode}): "
-                          f"{' '.join(done.stderr.split()) or 'no message'}")
+    job, status, message = slurm.submit(path, ["--wait"] if wait else [])
     log = cfg.launcher.slurm.output.replace("%x", cfg.launcher.slurm.job_name).replace("%j", job)
     print(f"omni-launch: job {job} submitted ({path}); its log: {log}", file=sys.stderr)
-    if done.returncode != 0:  # --wait: the job ran and failed
-        print(f"omni-launch: job {job} ended with exit {done.returncode} (sbatch: "
-              f"{' '.join(done.stderr.split())[-300:]}); see its log", file=sys.stderr)
-    return done.returncode
+    if status != 0:  # --wait: the job ran and failed
+        print(f"omni-launch: job {job} ended with exit {status} (sbatch: {message}); see its log", file=sys.stderr)
+    return status
 
 
 def launch(argv: list[str]) -> int:

@@ -201,6 +201,33 @@ def test_a_script_sbatch_refuses_is_one_line_not_a_submission(slurm, text_shards
 
 
 @needs_slurm
+def test_a_prep_job_array_builds_its_parts_and_a_failed_task_resubmitted_alone_completes_the_merge(
+        slurm, sample_corpus, text_shards_many, tmp_path):
+    """`omni-prep build ... launcher=slurm launcher.array=3 --wait`: the array's task 1 fails (its directory holds
+    another build), the merge after the array names it; task 1 resubmitted alone, the merge succeeds and holds the
+    samples of one build."""
+    out = tmp_path / "prep"
+    (out / "part-1-of-3").mkdir(parents=True)
+    (out / "part-1-of-3" / "_progress.jsonl").write_text('{"source": "another build"}\n')
+    done = subprocess.run([sys.executable, "-m", "data_prep.cli", "build", str(sample_corpus.with_name("text.jsonl")),
+                           str(out), "workers=1", "launcher=slurm", "launcher.array=3",
+                           "launcher.slurm.cpus_per_task=1", "--wait"],
+                          cwd=REPO, env=slurm.env, capture_output=True, text=True, timeout=600)
+    logs = {p.name: p.read_text() for p in (out / "logs").glob("*.out")}
+    assert done.returncode == 2, (done.stderr[-2000:], logs)
+    assert "omni-prep: error: part 1 of 3 is unfinished" in "".join(logs.values()), logs
+    assert all((out / f"part-{i}-of-3" / "index.json").is_file() for i in (0, 2))
+    (out / "part-1-of-3" / "_progress.jsonl").unlink()
+    for script in ("prep.sbatch", "merge.sbatch"):
+        again = subprocess.run(["sbatch", "--wait", *(["--array=1"] if script == "prep.sbatch" else []),
+                                str(out / script)], env=slurm.env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, (script, again.stderr, [p.read_text()[-2000:] for p in (out / "logs").glob("*")])
+    merged = json.loads((out / "index.json").read_text())
+    assert merged["parts"] == 3
+    assert merged["totals"]["samples"] == json.loads((text_shards_many / "index.json").read_text())["totals"]["samples"]
+
+
+@needs_slurm
 def test_srun_tasks_take_their_ranks_from_slurm(slurm, text_shards, tmp_path):
     """Training started by `srun` directly (one task per rank, no torchrun): each process reads its rank, the world
     size and the master (the job's first node) from SLURM's variables."""

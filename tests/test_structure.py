@@ -132,7 +132,7 @@ def test_the_cycle_finder_finds_a_cycle():
 # The layers of docs/ARCHITECTURE.md, upstream first. A module belongs to the layer of its longest listed prefix.
 LAYERS = [
     ["omni_train", "omni_train.errors", "omni_train.tokens", "omni_train.files", "omni_train.dist",
-     "omni_train.progress", "omni_train.tokenizer"],
+     "omni_train.progress", "omni_train.slurm", "omni_train.tokenizer"],
     ["omni_train.config", "omni_train.config.schema", "omni_train.config.compose"],
     ["data_prep"],
     ["omni_train.data"],

@@ -50,7 +50,9 @@ def _expand(pattern: str) -> list[str]:
     from braceexpand import braceexpand
 
     path = Path(pattern)
-    if path.is_dir():
+    if (path / "index.json").is_file():  # a build, or merged parts: the shards its index lists, in its order
+        urls = [str(path / s["name"]) for s in json.loads((path / "index.json").read_text())["shards"]]
+    elif path.is_dir():
         urls = sorted(str(p) for p in path.glob("shard-*.tar"))
     else:
         urls = []
