@@ -3,9 +3,9 @@
 
     .venv/bin/python benchmarks/run_all.py [--quick] [--out benchmarks/results.json]
 
-Runs prep_throughput, loader_throughput, packing_efficiency, step_throughput, step_memory and lora_vs_full (each
-also runs alone) one after the other on the same machine, on one sample corpus (lora_vs_full builds its own text
-shards), and merges their figures, each under its benchmark's prefix. The ratios the issues set goals for are repeated under `ratio.*`:
+Runs prep_throughput, loader_throughput, packing_efficiency, step_throughput, step_memory, lora_vs_full and
+prep_scale (each also runs alone) one after the other on the same machine, on one sample corpus (lora_vs_full and
+prep_scale build their own text data), and merges their figures, each under its benchmark's prefix. The ratios the issues set goals for are repeated under `ratio.*`:
 - `ratio.loss_tiled_vs_plain.peak.32k` (tiny and small presets; goal <= 1/3),
 - `ratio.packed_vs_padded.tokens_per_s` (goal >= 2),
 - `ratio.encoding_vs_processor_path.per_core` (ours against transformers' Qwen2.5-Omni processor path, audio
@@ -65,6 +65,7 @@ def main() -> None:
         "step_throughput": ["--shards", str(shards), "--repeat", "1" if quick else "3"],
         "step_memory": ["--shards", str(shards), "--steps", "1" if quick else "3"],
         "lora_vs_full": ["--steps", "4" if quick else "12"],
+        "prep_scale": ["--lines", "2000", "20000", "--parts-lines", "5000"] if quick else [],
     }
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     figures = {"machine.cores": os.cpu_count(), "machine.memory_gb": round(memory_gb, 1), "machine.gpus": 0,

@@ -323,8 +323,19 @@ def _without_bytes(messages: list[dict]) -> list[dict]:
 _worker_state: dict = {}
 
 
-def _init_worker(cfg: PrepConfig, tokenizer_path: str | None, source_name: str) -> None:
-    _worker_state.update(cfg=cfg, tokenizer=load_tokenizer(tokenizer_path), source_name=source_name)
+def _init_worker(cfg: PrepConfig, tokenizer, source_name: str) -> None:
+    _worker_state.update(cfg=cfg, tokenizer=tokenizer, source_name=source_name)
+
+
+def _pool_context():
+    """Forked workers inherit the parent's loaded tokenizer (spawned ones would each load it again, ~1.5 s, and
+    import the project, ~1 s: most of a small build). The build never imports torch, whose threads would make a
+    fork unsafe; where fork does not exist, spawn (the tokenizer then travels pickled)."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the Rust pool must not be running across a fork
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
 def _work(item):
@@ -465,9 +476,10 @@ def build(source: str, out_dir: str, cfg: PrepConfig, tokenizer_path: str | None
         records = itertools.islice(records, part[0], None, part[1])
     for _ in range(done_items):
         next(records)
-    started, bar = time.perf_counter(), _progress_bar(progress, source, done_items, part)
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, tokenizer_path, Path(source).name)) as pool:
+    started = time.perf_counter()
+    pool = _pool_context().Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, tokenizer, Path(source).name))
+    with pool:
+        bar = _progress_bar(progress, source, done_items, part)  # after the fork: tqdm's monitor is a thread
         for sid, prepared, reason in in_order(pool, _work, records, window=WINDOW_PER_WORKER * cfg.workers):
             seen += 1
             if prepared is None:

@@ -35,8 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--dry-run", action="store_true",
                    help="with launcher=: print the parts' commands (or the sbatch scripts), run nothing")
     b.add_argument("--wait", action="store_true", help="with launcher=slurm: wait for the merge job's end")
-    m = sub.add_parser("merge", help="join the N finished parts of a build (part=I/N) into one shard set")
-    m.add_argument("output_dir")
+    m = sub.add_parser("merge", help="join the N finished parts of a build (part=I/N) into one shard set",
+                       description="Check that OUTPUT_DIR/part-I-of-N/ holds all N parts, finished and built alike, "
+                                   "and write OUTPUT_DIR/index.json over them (data_prep/parts.py).")
+    m.add_argument("output_dir", help="the OUTPUT_DIR the parts were built into")
     s = sub.add_parser("sample", help="write the sample corpus (manifest.jsonl + media)")
     s.add_argument("output_dir")
     args = parser.parse_args(argv)

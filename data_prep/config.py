@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 
 from data_prep.formats import FORMATS
 from data_prep.media import VisionBudget
-from omni_train.config.schema import SlurmConfig
 from omni_train.errors import ConfigError
+from omni_train.slurm import SlurmConfig
 
 
 @dataclass

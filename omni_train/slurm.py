@@ -1,9 +1,9 @@
 """SLURM batch scripts and their submission, for every command that submits jobs (`omni-launch launcher=slurm`,
 `omni-prep build ... launcher=slurm`).
 
-Owns the `#SBATCH` header a `SlurmConfig` asks for and `submit`: sbatch on a written script, the job id back, and
-a refusal (nothing submitted) as one ConfigError line, never as "submitted". Base layer: the config schema's
-SlurmConfig is all it reads.
+Owns `SlurmConfig` (the sbatch options, `launcher.slurm` of both commands' configs), the `#SBATCH` header it asks
+for, and `submit`: sbatch on a written script, the job id back, and a refusal (nothing submitted) as one
+ConfigError line, never as "submitted". Base layer: imports nothing of the project but errors.
 """
 
 from __future__ import annotations
@@ -11,9 +11,32 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from omni_train.errors import ConfigError
+
+
+@dataclass
+class SlurmConfig:
+    # sbatch --partition (null: the cluster's default).
+    partition: Optional[str] = None
+    # sbatch --account (null: the user's default).
+    account: Optional[str] = None
+    # sbatch --time: the job's wall-clock limit.
+    time: str = "01:00:00"
+    # GPUs per node to request (0: none, e.g. a CPU cluster); nproc_per_node processes run on each node.
+    gpus_per_node: int = 0
+    # sbatch --cpus-per-task: CPUs for a node's torchrun and its ranks.
+    cpus_per_task: int = 2
+    # sbatch --job-name (%x in output).
+    job_name: str = "omni-train"
+    # Where sbatch writes each job's log (%x job name, %j job id); relative paths are under run_dir (omni-prep:
+    # under its output directory).
+    output: str = "logs/%x-%j.out"
+    # Extra `#SBATCH` lines, verbatim (e.g. "--exclusive", "--qos=high").
+    extra: list[str] = field(default_factory=list)
 
 
 def header(sl, nodes: int, output: str, extra: list[str] = ()) -> list[str]:

@@ -15,7 +15,8 @@ import pytest
 from tests.conftest import REPO
 
 PACKAGES = ("omni_train", "data_prep", "launch")
-BASE = ("omni_train", "omni_train.errors", "omni_train.files", "omni_train.tokens", "omni_train.tokenizer")
+BASE = ("omni_train", "omni_train.errors", "omni_train.files", "omni_train.tokens", "omni_train.tokenizer",
+        "omni_train.slurm")
 
 
 def _loaded(*modules: str) -> set[str]:
@@ -64,7 +65,8 @@ def test_the_launcher_starts_without_torch_or_the_model():
 
 def test_the_config_schema_is_a_leaf():
     loaded = _loaded("omni_train.config.schema")
-    assert _project(loaded) == {"omni_train", "omni_train.config", "omni_train.config.schema"}
+    assert _project(loaded) == {"omni_train", "omni_train.config", "omni_train.config.schema", "omni_train.slurm",
+                                "omni_train.errors"}
 
 
 def _modules() -> dict[str, Path]:

@@ -5,7 +5,8 @@ Owns: one dataclass per config group (`model/`, `deepspeed/`, `trainer`, `data/`
 wrongly typed value or a value outside its set fails at composition with OmegaConf's one line. What types cannot
 say (ranges, paths, divisibility) is checked by omni_train.config.validate.
 
-A leaf: imports nothing of the project (Hydra and OmegaConf only), so every layer may read it.
+A leaf: imports nothing of the project but the base's SlurmConfig (omni_train/slurm.py; Hydra and OmegaConf
+otherwise), so every layer may read it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from omni_train.slurm import SlurmConfig
 
 
 class Objective(StrEnum):
@@ -307,26 +310,6 @@ class LoggingConfig:
     # The step metrics and evaluations also as TensorBoard scalars in run_dir/tensorboard (needs the tensorboard
     # package: pip install 'omni-train[tensorboard]').
     tensorboard: bool = False
-
-
-@dataclass
-class SlurmConfig:
-    # sbatch --partition (null: the cluster's default).
-    partition: Optional[str] = None
-    # sbatch --account (null: the user's default).
-    account: Optional[str] = None
-    # sbatch --time: the job's wall-clock limit.
-    time: str = "01:00:00"
-    # GPUs per node to request (0: none, e.g. a CPU cluster); nproc_per_node processes run on each node.
-    gpus_per_node: int = 0
-    # sbatch --cpus-per-task: CPUs for a node's torchrun and its ranks.
-    cpus_per_task: int = 2
-    # sbatch --job-name (%x in output).
-    job_name: str = "omni-train"
-    # Where sbatch writes each job's log (%x job name, %j job id); relative paths are under run_dir.
-    output: str = "logs/%x-%j.out"
-    # Extra `#SBATCH` lines, verbatim (e.g. "--exclusive", "--qos=high").
-    extra: list[str] = field(default_factory=list)
 
 
 @dataclass
