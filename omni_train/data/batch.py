@@ -171,3 +171,9 @@ def collate_packed(rows: list[list[ModelSample]], length: int, pad_id: int) -> d
         batch["speakers"] = [s.speaker for s in spoken]
         batch["ref_logps"] = torch.tensor([s.ref_logps or (float("nan"),) * 2 for s in spoken], dtype=torch.float64)
     return batch
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch's tensors on the engine's device (the loader collates on the CPU, in its workers); lists (speakers)
+    stay as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -42,7 +42,9 @@ def init_distributed(timeout_min: float) -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(
-            dist_backend="nccl" if on_gpu() else "gloo",
+            # On GPUs the model's collectives (ZeRO-3, Ulysses) run on NCCL, and the loop's small CPU tensors
+            # (counts, the step's loss and figures, checks) on gloo: one group, a backend per device type.
+            dist_backend="cpu:gloo,cuda:nccl" if on_gpu() else "gloo",
             timeout=timedelta(minutes=timeout_min),
             verbose=False,
         )

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from omni_train.data.batch import to_device
+
 
 def heldout_sets(cfg, tokenizer, dp_rank: int, dp_world: int, speech) -> dict:
     """The rank's HeldOut share of every `eval.sources` entry."""
@@ -42,10 +44,10 @@ def evaluate(engine, module, sets: dict, counts_data: bool = True) -> dict[str, 
                 torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
                 loss_sum, units, stats = torch.zeros(1, dtype=torch.float64), 0.0, None
                 for batch, weight in held.batches(int(count)):
-                    loss, micro_stats = engine(**batch)
-                    loss_sum += weight * loss.detach().double()
+                    loss, micro_stats = engine(**to_device(batch, engine.device))
+                    loss_sum += weight * loss.detach().double().cpu()
                     units += weight * module.units(batch) * counts_data
-                    part = weight * micro_stats.flatten().double()
+                    part = weight * micro_stats.flatten().double().cpu()
                     stats = part if stats is None else stats + part
                 numbers = torch.cat([loss_sum, torch.tensor([units], dtype=torch.float64), stats])
                 torch.distributed.all_reduce(numbers)

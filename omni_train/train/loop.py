@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from omni_train.config.schema import Config
+from omni_train.data.batch import to_device
 from omni_train.errors import ConfigError, Diverged
 from omni_train.files import write_json_atomic, write_text_atomic
 from omni_train.train import checkpoint
@@ -174,9 +175,11 @@ def train_step(engine, module, batches: list[dict], world: int, counts_data: boo
     loss_sum = torch.zeros(1, dtype=torch.float64)
     stats = reduced = None
     for i, batch in enumerate(batches):
-        loss, micro_stats = engine(**batch)
-        loss_sum += loss.detach().double()
-        stats = micro_stats.flatten() if stats is None else stats + micro_stats.flatten()
+        loss, micro_stats = engine(**to_device(batch, engine.device))
+        # the step's figures are reduced on the CPU (gloo beside NCCL on GPUs: omni_train/train/distributed.py)
+        loss_sum += loss.detach().double().cpu()
+        micro_stats = micro_stats.detach().flatten().cpu()
+        stats = micro_stats if stats is None else stats + micro_stats
         factor = scale
         if i == len(batches) - 1:
             reduced = torch.cat([loss_sum, stats])

@@ -27,8 +27,9 @@ from omni_train.files import write_json_atomic
 
 class PlainEngine:
     def __init__(self, module: nn.Module, optimizer, scheduler, grad_accum: int, grad_clip: float):
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-        self.module = module.to(device)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device(
+            "cpu")
+        self.module = module.to(self.device)
         self.optimizer, self.lr_scheduler = optimizer, scheduler
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
         self.trained = [p for p in module.parameters() if p.requires_grad]
