@@ -1,24 +1,40 @@
-"""Crash-safe file writes: a file is either absent, the old version, or the complete new one; JSON is strict. Also a
-cheap fingerprint of a directory's files (what a LoRA checkpoint records of the base it does not hold).
+"""Crash-safe file writes: a file is either absent, the old version, or the complete new one, also when it is written
+as a stream; JSON is strict. Also a cheap fingerprint of a directory's files (what a LoRA checkpoint records of the
+base it does not hold).
 
 Base layer: imported by data_prep and every layer of omni_train; imports nothing of the project.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from pathlib import Path
 
 
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, shared: bool = False):
+    """A text file open on a temporary sibling of `path`, renamed over `path` when the block ends without an error
+    (removed otherwise). `shared`: other processes may write the same file at once (the last ranks of a job to
+    finish), so the temporary's name holds the process id and each renames a whole file of its own (one killed
+    mid-write leaves its temporary behind, where an unshared one is overwritten by the next write)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp" if shared else f".{path.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to a temporary sibling, then rename it over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    with atomic_writer(path) as f:
+        f.write(text)
+    return Path(path)
 
 
 def json_safe(obj):

@@ -1,6 +1,9 @@
-"""`omni-train pairs`: on-policy speech preference triplets from the current model, for `talker_dpo`.
+"""`omni-train pairs`: on-policy speech preference triplets from the current model, for `talker_dpo`, on one process
+or split over the ranks of a torchrun or SLURM job.
 
     omni-train pairs MODEL_DIR PROMPTS.jsonl OUT.jsonl [--samples 4] [--max-codes 600] [--speaker NAME]
+    torchrun --nproc_per_node N -m omni_train.train pairs MODEL_DIR PROMPTS.jsonl OUT.jsonl [...]
+    omni-train pairs --merge OUT.jsonl
 
 MODEL_DIR is a full Qwen2.5-Omni checkpoint (a Talker stage's export, or the released one). PROMPTS.jsonl holds
 conversations in Qwen2.5-Omni's message format whose last turn is the assistant reply to be spoken (media paths
@@ -21,20 +24,37 @@ Scorers (`--scorer`), pluggable through `SCORERS`, built on omni_train/tools/sco
   in seconds (the paper ranks by word error rate and by punctuation/pause errors).
 The output is a triplet JSONL (`speech: {chosen, rejected, speaker, ref_logps}`, and `scores`) that `omni-prep
 build` turns into shards.
+
+Parts, resume and merge (owned here): a process is rank R of N (torchrun's RANK/WORLD_SIZE, or srun's
+SLURM_PROCID/SLURM_NTASKS: omni_train/train/distributed.py's `place`; no process group, the parts are independent)
+and pairs the prompts whose index i (non-blank lines, from 0) has i % N == R. It appends one line per finished prompt
+(its triplet, or its set-aside reason) to `OUT.part-R-of-N`, flushed and synced, after a header line recording the
+settings (model fingerprint, prompts digest and count, sampling and scoring options, seed, N) and how many prompts
+the part holds. Prompt i is sampled under a seed of (seed, i) alone, so N ranks give the triplets one process gives.
+Rerun, a rank skips the prompts its part holds (dropping a last line cut short by a kill); other settings are
+refused. The rank that finds every part complete when it finishes writes OUT atomically in prompt order and prints
+the report (prompts, triplets, each set-aside prompt with its reason); `--merge OUT` does the same alone, naming
+any part missing or unfinished. Part files stay beside OUT: they are the resume state (remove them to start over).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import hashlib
 import json
+import os
+import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from data_prep.chatml import SampleError
-from omni_train.files import write_text_atomic
+from omni_train.errors import ConfigError
+from omni_train.files import atomic_writer, fingerprint, write_text_atomic
 from omni_train.tokens import IGNORE
 from omni_train.tools.conversation import absolute_media, prepare_sample
 from omni_train.tools.scorers import Score, intelligibility, make_asr, pause_check
@@ -125,54 +145,253 @@ def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor
     return order.gather(-1, pick).squeeze(-1)
 
 
-def build_pairs(args) -> dict:
-    from transformers import Qwen2_5OmniForConditionalGeneration
+def prompt_seed(seed: int, index: int) -> int:
+    """The seed of prompt `index`'s sampling (and of Token2Wav's noise): a function of (seed, index) alone, so a
+    prompt gets the same candidates whichever rank takes it and whatever that rank did before."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:7], "little")
 
-    from omni_train.config.schema import Objective
-    from omni_train.model.talker import TalkerLM
-    from omni_train.tokenizer import load_tokenizer
 
-    torch.manual_seed(args.seed)
-    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(args.model).eval()
-    tokenizer = load_tokenizer(args.model)
-    speakers = {name: int(v["bos_token"]) for name, v in model.speaker_map.items()}
-    speaker = args.speaker or next(iter(speakers))
-    if speaker not in speakers:
-        raise SystemExit(f"omni-train pairs: speaker {speaker} is not in {args.model}/spk_dict.pt ({sorted(speakers)})")
-    objective = TalkerLM(model.thinker, model.talker, Objective.talker_dpo, speakers, speaker)
-    score = SCORERS[args.scorer](args, model, tokenizer)
-    voice = model.speaker_map[speaker]
-    base = Path(args.prompts).resolve().parent
-    triplets, set_aside = [], []
-    records = [json.loads(line) for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    for n, record in enumerate(records):
-        rid = record.get("id", f"prompt-{n}")
+class Pairer:
+    """The model, its Talker objective, the voice and the scorer: prompt in, a triplet or a set-aside reason out."""
+
+    def __init__(self, args):
+        from transformers import Qwen2_5OmniForConditionalGeneration
+
+        from omni_train.config.schema import Objective
+        from omni_train.model.talker import TalkerLM
+        from omni_train.tokenizer import load_tokenizer
+
+        self.args = args
+        self.model = Qwen2_5OmniForConditionalGeneration.from_pretrained(args.model).eval()
+        self.tokenizer = load_tokenizer(args.model)
+        self.speakers = {name: int(v["bos_token"]) for name, v in self.model.speaker_map.items()}
+        self.speaker = args.speaker or next(iter(self.speakers))
+        if self.speaker not in self.speakers:
+            raise ConfigError(f"speaker {self.speaker} is not in {args.model}/spk_dict.pt ({sorted(self.speakers)})")
+        self.objective = TalkerLM(self.model.thinker, self.model.talker, Objective.talker_dpo, self.speakers,
+                                  self.speaker)
+        self.score = SCORERS[args.scorer](args, self.model, self.tokenizer)
+        self.voice = self.model.speaker_map[self.speaker]
+        self.base = Path(args.prompts).resolve().parent
+
+    def pair(self, index: int, line: str) -> dict:
+        """`{"triplet": ...}` for prompt `index` (one JSONL line), or `{"set_aside": {"id", "reason"}}`."""
+        args, model, objective = self.args, self.model, self.objective
+        rid = f"prompt-{index}"
         try:
-            sample = prepare_sample(record, base, tokenizer).sample
-        except (SampleError, ValueError) as e:
-            set_aside.append({"id": rid, "reason": str(e)})
-            continue
-        batch, text, prompt, pad_embed = spoken_reply(objective, sample, speakers[speaker], tokenizer)
+            record = json.loads(line)
+            rid = record.get("id", rid)
+            sample = prepare_sample(record, self.base, self.tokenizer).sample
+        except (SampleError, ValueError) as e:  # json's JSONDecodeError is a ValueError
+            return {"set_aside": {"id": rid, "reason": str(e)}}
+        torch.manual_seed(prompt_seed(args.seed, index))
+        batch, text, prompt, pad_embed = spoken_reply(objective, sample, self.speakers[self.speaker], self.tokenizer)
         with torch.no_grad():
             candidates, _ = sample_codes(model.talker, prompt, pad_embed, args.samples, args.max_codes, args.top_k,
                                          args.top_p, args.temperature, objective.ids)
-            scored = [(score(render(model, codes, voice), text), codes) for codes in candidates if len(codes) > 0]
+            scored = [(self.score(render(model, codes, self.voice), text), codes) for codes in candidates
+                      if len(codes) > 0]
         if len(scored) < 2 or min(s.value for s, _ in scored) == max(s.value for s, _ in scored):
-            set_aside.append({"id": rid, "reason": f"{len(scored)} samples with no difference in score: no preference"})
-            continue
+            return {"set_aside": {"id": rid, "reason": f"{len(scored)} samples with no difference in score: "
+                                                       f"no preference"}}
         scored.sort(key=lambda x: x[0].value)
         (best, chosen), (worst, rejected) = scored[0], scored[-1]
         ref = _reference_logps(objective, model, batch, chosen, rejected)
-        triplets.append({"id": rid, "messages": absolute_media(record["messages"], base),
-                         "use_audio_in_video": bool(record.get("use_audio_in_video", False)),
-                         "speech": {"chosen": chosen.tolist(), "rejected": rejected.tolist(), "speaker": speaker,
-                                    "ref_logps": ref},
-                         "scores": {"chosen": best.value, "rejected": worst.value, "chosen_details": best.details,
-                                    "rejected_details": worst.details, "samples": len(scored)}})
-    write_text_atomic(Path(args.out), "".join(json.dumps(t) + "\n" for t in triplets))
-    report = {"prompts": len(records), "triplets": len(triplets), "set_aside": set_aside, "out": str(args.out)}
-    print(json.dumps(report, indent=2))
-    return report
+        return {"triplet": {"id": rid, "messages": absolute_media(record["messages"], self.base),
+                            "use_audio_in_video": bool(record.get("use_audio_in_video", False)),
+                            "speech": {"chosen": chosen.tolist(), "rejected": rejected.tolist(),
+                                       "speaker": self.speaker, "ref_logps": ref},
+                            "scores": {"chosen": best.value, "rejected": worst.value, "chosen_details": best.details,
+                                       "rejected_details": worst.details, "samples": len(scored)}}}
+
+
+# What a part's prompts were paired with (its header records them); a resume with other values would mix two
+# experiments in one file. Paths are recorded but not compared: a copy of the model or the prompts elsewhere is
+# the same (their fingerprint and digest say so).
+SETTINGS = ("samples", "max_codes", "speaker", "scorer", "asr", "max_pause", "top_k", "top_p", "temperature", "seed")
+COMPARED = ("model_fingerprint", "prompts_sha256", *SETTINGS)
+
+
+def _prompt_lines(path: str | Path):
+    """(index, line) of each non-blank line of the prompts file, read as a stream."""
+    with open(path) as f:
+        index = 0
+        for line in f:
+            if line.strip():
+                yield index, line
+                index += 1
+
+
+def _settings(args, world: int) -> dict:
+    if not Path(args.model).is_dir():
+        raise ConfigError(f"{args.model} is not a model directory")
+    if not Path(args.prompts).is_file():
+        raise ConfigError(f"{args.prompts} is not a file")
+    digest, total = hashlib.sha256(), 0
+    for _, line in _prompt_lines(args.prompts):
+        digest.update(line.encode())
+        total += 1
+    return {"model": str(Path(args.model).resolve()), "model_fingerprint": fingerprint(args.model),
+            "prompts": str(Path(args.prompts).resolve()), "prompts_sha256": digest.hexdigest(), "prompts_total": total,
+            "world": world, **{k: getattr(args, k) for k in SETTINGS}}
+
+
+def part_path(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f"{out.name}.part-{rank}-of-{world}")
+
+
+def _part_worlds(out: Path) -> dict[int, list[Path]]:
+    """The part files next to `out`, by the number of ranks that wrote them."""
+    found: dict[int, list[Path]] = {}
+    for path in out.parent.glob(f"{glob.escape(out.name)}.part-*-of-*"):
+        match = re.fullmatch(re.escape(out.name) + r"\.part-(\d+)-of-(\d+)", path.name)
+        if match:
+            found.setdefault(int(match[2]), []).append(path)
+    return found
+
+
+def _whole_lines(path: Path):
+    """(byte offset of its end, bytes) of each line of a part file; a last line without its newline is not one (its
+    rank was killed while writing it)."""
+    end = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                return
+            end += len(line)
+            yield end, line
+
+
+def _header(path: Path) -> dict | None:
+    """A part file's first line, its settings and size (None when there is no file)."""
+    if not path.exists():
+        return None
+    return next((json.loads(line)["header"] for _, line in _whole_lines(path)), None)
+
+
+def _scan(path: Path) -> tuple[dict | None, int, int]:
+    """A part file's header, how many prompts it holds, and the byte length of its whole lines."""
+    header, records, end = _header(path), 0, 0
+    if header is not None:
+        for records, (end, _) in enumerate(_whole_lines(path)):  # the header, then one line per prompt
+            continue
+    return header, records, end
+
+
+def _unfinished(out: Path, world: int) -> tuple[list[dict], list[str]]:
+    """The headers of `out`'s `world` parts, and one phrase per part that is missing or unfinished."""
+    headers, problems = [], []
+    for rank in range(world):
+        path = part_path(out, rank, world)
+        header, done, _ = _scan(path)
+        if header is None:
+            problems.append(f"{path.name} is missing")
+        elif done < header["expected"]:
+            problems.append(f"{path.name} is unfinished ({done} of {header['expected']} prompts)")
+        headers.append(header)
+    return headers, problems
+
+
+def _different(old: dict, new: dict, new_name: str = "this run") -> list[str]:
+    return [f"{k}={old.get(k)} ({new_name}: {k}={new[k]})" for k in COMPARED if old.get(k) != new[k]]
+
+
+class RankProgress:
+    """One line on stderr every `every` seconds while a rank pairs its prompts: done of its share, set aside, prompts
+    per second this run, and an estimate of the time left at that rate."""
+
+    def __init__(self, rank: int, world: int, done: int, expected: int, every: float):
+        self.name, self.every = f"omni-train pairs: rank {rank} of {world}", every
+        self.done, self.expected, self.set_aside, self.this_run = done, expected, 0, 0
+        self.started = self.last = time.perf_counter()
+
+    def advance(self, set_aside: bool) -> None:
+        self.done, self.this_run, self.set_aside = self.done + 1, self.this_run + 1, self.set_aside + set_aside
+        now = time.perf_counter()
+        if now - self.last >= self.every or self.done == self.expected:
+            rate = self.this_run / max(now - self.started, 1e-9)
+            print(f"{self.name}: {self.done} of {self.expected} prompts, {self.set_aside} set aside this run, "
+                  f"{rate:.2f} prompts/s, about {(self.expected - self.done) / rate:.0f} s left", file=sys.stderr,
+                  flush=True)
+            self.last = now
+
+
+def build_part(args) -> dict | None:
+    """This rank's part of the prompts (index % world == rank), resumed where its file stops; then, if every part
+    is complete, the merge (the last rank to finish writes OUT). The merge's report, or None while parts remain."""
+    from omni_train.train.distributed import place
+
+    rank, world = place()
+    out = Path(args.out)
+    settings = _settings(args, world)
+    for other, paths in _part_worlds(out).items():
+        if other != world:
+            raise ConfigError(f"{paths[0]} is a part of a {other}-rank run: run with {other} ranks, or remove "
+                              f"{out.name}.part-* to start over")
+    for other in range(world):  # any part made otherwise could not be merged with this one
+        if (header := _header(part_path(out, other, world))) and (changed := _different(header, settings)):
+            raise ConfigError(f"{part_path(out, other, world)} was made with {changed[0]}: run with its settings, "
+                              f"or remove {out.name}.part-* to start over")
+    path = part_path(out, rank, world)
+    header, done, end = _scan(path)
+    expected = len(range(rank, settings["prompts_total"], world))
+    pairer = Pairer(args) if done < expected else None  # a wrong --speaker is refused before a header records it
+    if header is None:
+        write_text_atomic(path, json.dumps({"header": {**settings, "rank": rank, "expected": expected}}) + "\n")
+    elif path.stat().st_size > end:
+        os.truncate(path, end)  # the prompt in flight when the rank was killed: done again below
+    if pairer is not None:
+        if done:
+            print(f"omni-train pairs: resuming {path}: {done} of {expected} prompts done", file=sys.stderr)
+        progress = RankProgress(rank, world, done, expected, args.progress_every)
+        with open(path, "a") as f:
+            for index, line in _prompt_lines(args.prompts):
+                if index % world != rank or index < rank + done * world:
+                    continue
+                result = pairer.pair(index, line)
+                f.write(json.dumps({"index": index, **result}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())  # a killed rank (or node) loses at most the prompt in flight
+                progress.advance("set_aside" in result)
+    _, problems = _unfinished(out, world)
+    if problems:
+        print(f"omni-train pairs: rank {rank} of {world}: {path} complete; waiting for other parts "
+              f"({'; '.join(problems)}): the last rank to finish writes {out}, or run omni-train pairs --merge {out}",
+              file=sys.stderr)
+        return None
+    return merge(out, args.out)
+
+
+def merge(out: Path, shown: str | None = None) -> dict:
+    """OUT from its complete parts, in prompt order, written atomically; every part must be there and complete, and
+    all made with the same settings (one line naming what is not)."""
+    worlds = _part_worlds(out)
+    if len(worlds) != 1:
+        raise ConfigError(f"no part files {out.name}.part-R-of-N next to {out}" if not worlds else
+                          f"{out} has parts of runs with {sorted(worlds)} ranks: remove the stale ones")
+    (world,) = worlds
+    headers, problems = _unfinished(out, world)
+    if problems:
+        raise ConfigError(f"cannot merge {out}: {'; '.join(problems)}; run (or rerun) those ranks to finish them")
+    for rank, header in enumerate(headers[1:], 1):
+        if changed := _different(header, headers[0], part_path(out, 0, world).name):
+            raise ConfigError(f"cannot merge {out}: {part_path(out, rank, world).name} was made with {changed[0]}")
+    total, triplets, set_aside = headers[0]["prompts_total"], 0, []
+    readers = [_whole_lines(part_path(out, rank, world)) for rank in range(world)]
+    for reader in readers:
+        next(reader)  # the header
+    with atomic_writer(out, shared=True) as f:  # two ranks finishing at once may both merge
+        for index in range(total):  # prompt i is in part i % world, each part in index order
+            record = json.loads(next(readers[index % world])[1])
+            if record["index"] != index:
+                raise ConfigError(f"{part_path(out, index % world, world)} holds prompt {record['index']} where "
+                                  f"prompt {index} belongs: remove it to redo that part")
+            if "triplet" in record:
+                f.write(json.dumps(record["triplet"]) + "\n")
+                triplets += 1
+            else:
+                set_aside.append(record["set_aside"])
+    return {"prompts": total, "triplets": triplets, "set_aside": set_aside, "out": shown or str(out)}
 
 
 def _reference_logps(objective, model, batch: dict, chosen: torch.Tensor, rejected: torch.Tensor) -> list[float]:
@@ -197,9 +416,11 @@ def _reference_logps(objective, model, batch: dict, chosen: torch.Tensor, reject
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="omni-train pairs", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="a full Qwen2.5-Omni checkpoint directory (with spk_dict.pt)")
-    parser.add_argument("prompts", help="JSONL conversations ending with the assistant reply to speak")
-    parser.add_argument("out", help="the triplet JSONL to write")
+    parser.add_argument("model", nargs="?", help="a full Qwen2.5-Omni checkpoint directory (with spk_dict.pt)")
+    parser.add_argument("prompts", nargs="?", help="JSONL conversations ending with the assistant reply to speak")
+    parser.add_argument("out", nargs="?", help="the triplet JSONL to write")
+    parser.add_argument("--merge", metavar="OUT", default=None,
+                        help="only write OUT from its complete part files OUT.part-R-of-N")
     parser.add_argument("--samples", type=int, default=4, help="codec sequences sampled per prompt (K)")
     parser.add_argument("--max-codes", type=int, default=600, help="codes per sample at most (50 per second)")
     parser.add_argument("--speaker", default=None, help="a key of spk_dict.pt (default: its first)")
@@ -211,10 +432,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=0.8)
     parser.add_argument("--temperature", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--progress-every", type=float, default=30.0,
+                        help="seconds between a rank's progress lines (prompts/s, set aside, time left)")
     args = parser.parse_args(argv)
+    if args.merge is not None and args.model is not None:
+        parser.error("--merge OUT takes no MODEL_DIR PROMPTS.jsonl OUT.jsonl")
+    if args.merge is None and args.out is None:
+        parser.error("MODEL_DIR PROMPTS.jsonl OUT.jsonl are required (or --merge OUT)")
     if args.samples < 2:
         parser.error("--samples must be at least 2: a pair needs two candidates")
-    report = build_pairs(args)
+    report = merge(Path(args.merge), args.merge) if args.merge is not None else build_part(args)
+    if report is None:  # this rank's part is done; another rank's finish (or --merge) writes OUT
+        return 0
+    print(json.dumps(report, indent=2))
     return 0 if report["triplets"] else 1
 
 

@@ -1,7 +1,9 @@
-"""The process group: joining it, its collective timeouts, and leaving it.
+"""Ranks and the process group: where this process stands, joining the group, its collective timeouts, and leaving
+it.
 
-Owns: starting the process group from torchrun's or SLURM's variables (gloo on CPU, NCCL on GPU) with each rank's
-heartbeat (omni_train/train/liveness.py), and the two timeouts a collective waits for a peer:
+Owns: this process's rank and world size from torchrun's or SLURM's variables (`place`); starting the process group
+from them (gloo on CPU, NCCL on GPU) with each rank's heartbeat (omni_train/train/liveness.py); and the two
+timeouts a collective waits for a peer:
 - `trainer.startup_timeout_min` while ranks do unequal work: start-up (rank 0 alone may consolidate a DeepSpeed
   checkpoint or read weights), the first step (lazy allocations), checkpoint saves and the export (rank 0 writes
   while the others wait at a barrier), where a 7B takes minutes;
@@ -31,8 +33,7 @@ def init_distributed(timeout_min: float) -> tuple[int, int]:
     one), its collectives waiting up to `timeout_min` minutes for a peer. Returns (rank, world_size)."""
     import deepspeed
 
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        _ranks_from_slurm()
+    place()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -51,6 +52,15 @@ def init_distributed(timeout_min: float) -> tuple[int, int]:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     liveness.start(rank, world)
     return rank, world
+
+
+def place() -> tuple[int, int]:
+    """(rank, world size) of this process from torchrun's variables, or from SLURM's for a task `srun` started
+    directly (copied into torchrun's, which the rendezvous reads); (0, 1) for a lone process. Reads the environment
+    only: work split into independent parts (`omni-train pairs`) needs no process group."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        _ranks_from_slurm()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _ranks_from_slurm() -> None:
