@@ -151,10 +151,15 @@ def test_a_rerun_of_a_finished_run_rewrites_the_same_output_without_the_model(mo
     out = tmp_path / "pairs.jsonl"
     shutil.copy(one_process[0].with_name("pairs.jsonl.part-0-of-1"), tmp_path)
     started = time.perf_counter()
-    code, stdout, _ = _in_process(capsys, str(model), str(prompts), str(out), *OPTIONS)
-    assert code == 0 and time.perf_counter() - started < 5  # every prompt is in the part: nothing sampled
+    code, stdout, _ = _in_process(capsys, str(model), str(prompts), str(out), *OPTIONS, "--shards",
+                                  str(tmp_path / "shards"))
+    assert code == 0 and time.perf_counter() - started < 10  # every prompt is in the part: nothing sampled
     assert out.read_bytes() == one_process[0].read_bytes()
     assert json.loads(stdout)["set_aside"] == one_process[1]["set_aside"]
+    # --shards: the merged triplets prepared for talker_dpo, as omni-prep build prepares them
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    assert index["totals"]["samples"] == json.loads(stdout)["triplets"]
+    assert index["totals"]["modalities"].get("speech_pair") == index["totals"]["samples"]
 
 
 def test_a_resume_with_another_seed_or_rank_count_is_refused_in_one_line(model, prompts, one_process, capsys,

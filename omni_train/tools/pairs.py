@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_prep.build import CODEC_IDS
 from data_prep.chatml import SampleError
 from omni_train.errors import ConfigError
 from omni_train.files import atomic_writer, fingerprint, write_text_atomic
@@ -96,6 +97,11 @@ def sample_codes(talker, prompt, pad_embed: torch.Tensor, k: int, max_codes: int
         raw.append(logits)
         logits = logits / temperature
         logits[:, ids.bos] = -float("inf")  # as transformers' generate suppresses it
+        # and no id past the codes but the stops: a triplet must hold what training reads (data_prep.build's
+        # CODEC_IDS; an untrained Talker samples there, where transformers' generate would pass it to Token2Wav)
+        stops = logits[:, [ids.eos, ids.pad]]
+        logits[:, CODEC_IDS:] = -float("inf")
+        logits[:, [ids.eos, ids.pad]] = stops
         code = _top_k_top_p(logits, top_k, top_p)
         codes.append(code)
         done |= (code == ids.eos) | (code == ids.pad)
@@ -434,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress-every", type=float, default=30.0,
                         help="seconds between a rank's progress lines (prompts/s, set aside, time left)")
+    parser.add_argument("--shards", metavar="DIR", default=None,
+                        help="after the merge, prepare OUT into shards in DIR for talker_dpo (omni-prep build)")
     args = parser.parse_args(argv)
     if args.merge is not None and args.model is not None:
         parser.error("--merge OUT takes no MODEL_DIR PROMPTS.jsonl OUT.jsonl")
@@ -445,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
     if report is None:  # this rank's part is done; another rank's finish (or --merge) writes OUT
         return 0
     print(json.dumps(report, indent=2))
+    if args.shards and report["triplets"]:
+        from data_prep.build import build
+        from data_prep.config import PrepConfig
+
+        build(str(args.merge or args.out), args.shards, PrepConfig(), args.model, progress=False)
     return 0 if report["triplets"] else 1
 
 
