@@ -148,12 +148,12 @@ def test_a_builds_memory_does_not_grow_with_the_manifest(tmp_path):
 
     words = "apple river stone cloud music garden silver window yellow forest candle market".split()
     rng = random.Random(0)
-    peaks = {}
+    held = {}
     for lines in (4_000, 40_000):
         manifest = tmp_path / f"m{lines}.jsonl"
         manifest.write_text("".join(json.dumps({"messages": [
             {"role": "user", "content": " ".join(rng.choices(words, k=12))},
             {"role": "assistant", "content": " ".join(rng.choices(words, k=12))}]}) + "\n" for _ in range(lines)))
-        peaks[lines] = _late_rss_mb([sys.executable, "-m", "data_prep.cli", "build", str(manifest),
+        held[lines] = _late_rss_mb([sys.executable, "-m", "data_prep.cli", "build", str(manifest),
                                      str(tmp_path / f"o{lines}"), "workers=1", "--no-progress"])
-    assert peaks[40_000] - peaks[4_000] < 2.5, peaks
+    assert held[40_000] - held[4_000] < 2.5, held
