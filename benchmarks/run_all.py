@@ -3,14 +3,17 @@
 
     .venv/bin/python benchmarks/run_all.py [--quick] [--out benchmarks/results.json]
 
-Runs prep_throughput, loader_throughput, packing_efficiency, step_throughput, step_memory, lora_vs_full and
-prep_scale (each also runs alone) one after the other on the same machine, on one sample corpus (lora_vs_full and
-prep_scale build their own text data), and merges their figures, each under its benchmark's prefix. The ratios the issues set goals for are repeated under `ratio.*`:
+Runs prep_throughput, loader_throughput, packing_efficiency, step_throughput, step_memory, lora_vs_full,
+attention_core and prep_scale (each also runs alone) one after the other on the same machine, on one sample corpus
+(lora_vs_full and prep_scale build their own text data), and merges their figures, each under its benchmark's
+prefix. The ratios the issues set goals for are repeated under `ratio.*`:
 - `ratio.loss_tiled_vs_plain.peak.32k` (tiny and small presets; goal <= 1/3),
 - `ratio.packed_vs_padded.tokens_per_s` (goal >= 2),
 - `ratio.encoding_vs_processor_path.per_core` (ours against transformers' Qwen2.5-Omni processor path, audio
   padded to 300 s; goal >= 10),
-- `ratio.sp2_vs_sp1.step_memory` (goal <= 0.6).
+- `ratio.sp2_vs_sp1.step_memory` (goal <= 0.6),
+- `ratio.attention_core_vs_per_sample_loop.100_samples.tiny` / `.small` (an 8k row of 100 samples, forward and
+  backward; goal <= 1).
 `--quick` shortens the timed windows and repeats (for a smoke run, not for figures to quote). The whole run takes
 about half an hour on a 2-core machine. Nothing else should run meanwhile: the figures are throughput and memory.
 """
@@ -37,6 +40,8 @@ RATIOS = {
     "ratio.packed_vs_padded.tokens_per_s": "step_throughput.packed_vs_padded_ratio",
     "ratio.encoding_vs_processor_path.per_core": "loader.ratio_per_core_vs_processor_path_300s",
     "ratio.sp2_vs_sp1.step_memory": "step_memory.sp2_vs_sp1.checkpointing_none.step_ratio",
+    "ratio.attention_core_vs_per_sample_loop.100_samples.tiny": "attention_core.tiny.100_samples.ratio",
+    "ratio.attention_core_vs_per_sample_loop.100_samples.small": "attention_core.small.100_samples.ratio",
 }
 
 
@@ -66,6 +71,7 @@ def main() -> None:
         "step_memory": ["--shards", str(shards), "--steps", "1" if quick else "3"],
         "lora_vs_full": ["--steps", "4" if quick else "12"],
         "prep_scale": ["--lines", "2000", "20000", "--parts-lines", "5000"] if quick else [],
+        "attention_core": ["--repeats", "1" if quick else "7"],
     }
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     figures = {"machine.cores": os.cpu_count(), "machine.memory_gb": round(memory_gb, 1), "machine.gpus": 0,

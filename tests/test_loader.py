@@ -66,8 +66,8 @@ def test_fewer_shards_than_slots_split_by_sample(sample_shards):
 def _same(a, b) -> None:
     assert a.ids == b.ids
     assert a.batch.keys() == b.batch.keys()
-    for key in a.batch:
-        assert torch.equal(a.batch[key], b.batch[key]), key
+    for key, value in a.batch.items():
+        assert torch.equal(value, b.batch[key]) if torch.is_tensor(value) else value == b.batch[key], key
 
 
 def test_restored_slot_continues_with_exactly_the_same_micro_batches(many_shards):

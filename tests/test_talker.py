@@ -23,6 +23,7 @@ from data_prep.chatml import encode
 from data_prep.layout import Media
 from omni_train.model.kernels.attention import use_packed_attention
 from omni_train.config.schema import ModelConfig
+from omni_train.data.batch import sample_bounds
 from omni_train.data.features import log_mel
 from omni_train.model.build import omni_config
 from omni_train.model.talker import TalkerLM, dpo_sigmoid_loss, response_span
@@ -112,8 +113,10 @@ def _batch(prompt_ids, prompt_pos, features, pixels, reply, codes):
     labels[p:p + len(reply) + 1] = ids[p:p + len(reply) + 1]
     after = prompt_pos.max() + 1 + torch.arange(n - p)
     pos = torch.cat([prompt_pos, after.expand(3, -1)], dim=1)
+    cu_seq_lens, max_length = sample_bounds([n])
     batch = {"input_ids": ids[None], "labels": labels[None],
-             "position_ids": torch.cat([torch.arange(n)[None], pos])[:, None],
+             "position_ids": torch.cat([torch.arange(n)[None], pos])[:, None], "cu_seq_lens": cu_seq_lens,
+             "max_length": max_length,
              "conditions": torch.zeros(1, n, dtype=torch.uint8), "codes": codes,
              "code_lengths": torch.tensor([[len(codes), 0]]), "speaker_bos": torch.tensor([SPEAKER_BOS])}
     if features is not None:
@@ -136,9 +139,8 @@ def test_training_logits_equal_transformers_generation_step_by_step():
         # transformers speaks the text up to the Thinker's last generated token, exclusive (see omni_train.model.talker)
         batch = _batch(prompt_ids, prompt_pos, features, pixels, text[:-1], codes)
         with torch.no_grad():
-            row = objective.sequences(batch)
-            text_track, codec, positions, targets, _ = row
-            got = objective.codec_logits(model.talker, text_track, codec, positions, targets != IGNORE)
+            text_track, codec, positions, varlen, targets, _ = objective.sequences(batch)
+            got = objective.codec_logits(model.talker, text_track, codec, positions, varlen, targets != IGNORE)
         assert got.shape == (len(codes) + 1, 8448) and want.shape == got.shape
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
         compared += len(codes) + 1
@@ -146,7 +148,7 @@ def test_training_logits_equal_transformers_generation_step_by_step():
             plain = positions.clone()
             plain[1:] = torch.arange(positions.shape[-1])
             with torch.no_grad():
-                off = objective.codec_logits(model.talker, text_track, codec, plain, targets != IGNORE)
+                off = objective.codec_logits(model.talker, text_track, codec, plain, varlen, targets != IGNORE)
             assert (off - want).abs().max() > 1e-5
     assert compared >= 8
 
@@ -243,8 +245,8 @@ def test_sampled_codes_logits_equal_the_teacher_forced_forward():
             continue
         batch.update(codes=codes, code_lengths=torch.tensor([[len(codes), 0]]))
         with torch.no_grad():
-            text, codec, positions, targets, _ = objective.sequences(batch)
-            got = objective.codec_logits(model.talker, text, codec, positions, targets != IGNORE)
+            text, codec, positions, varlen, targets, _ = objective.sequences(batch)
+            got = objective.codec_logits(model.talker, text, codec, positions, varlen, targets != IGNORE)
         steps = min(len(codes) + 1, raw.shape[1])
         torch.testing.assert_close(got[:steps], raw[k, :steps], rtol=1e-5, atol=2e-6)
         checked += steps

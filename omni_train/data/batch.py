@@ -5,11 +5,12 @@ features per audio clip, vision patch rows per image/video), best-fit packing of
 tokens, and collation of packed rows into the batch the Thinker objective takes.
 
 A packed row is samples laid end to end, each keeping its own TMRoPE positions (3 x L, starting at 0), plus a
-fourth, leading position row of plain per-sample text positions (0, 1, ... restarting at every sample). transformers'
-Qwen2.5-Omni text model passes that leading row to its attention, which finds sample boundaries in it:
-flash-attention's varlen path takes cu_seqlens from it, and our per-sample SDPA core (omni_train.model.kernels.attention) runs
-causal attention sample by sample, so attention never crosses samples. The row's
-tail padding is one more "sample" of pad tokens with no labels. Media tensors are concatenated in order of
+fourth, leading position row of plain per-sample text positions (0, 1, ... restarting at every sample). The row's
+tail padding is one more "sample" of pad tokens with no labels. The same boundaries travel once more, as the
+attention kernels want them: `cu_seq_lens` (int32, where each sample starts in the micro-batch's rows laid end to
+end, then the total) and `max_length` (the longest sample, a Python int), computed here on the host once per
+micro-batch, so the packed attention core (omni_train.model.kernels.attention) never reads positions back from the
+device to find where samples end; attention never crosses samples. Media tensors are concatenated in order of
 appearance across the whole batch, matching the order of their placeholder tokens. `conditions` marks, per token,
 which media its sample holds (bits AUDIO_BIT, IMAGE_BIT, VIDEO_BIT; 0 for text-only), for per-modality metrics.
 """
@@ -17,6 +18,7 @@ which media its sample holds (bits AUDIO_BIT, IMAGE_BIT, VIDEO_BIT; 0 for text-o
 from __future__ import annotations
 
 import io
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,14 +131,21 @@ def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def collate_packed(rows: list[list[ModelSample]], length: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Rows of samples -> a (B, length) packed batch with (4, B, length) positions and concatenated media."""
+def sample_bounds(lengths: list[int]) -> tuple[torch.Tensor, int]:
+    """(cu_seq_lens, max_length) of samples of these lengths laid end to end: int32 cumulative lengths from 0 (the
+    layout of flash-attention's varlen kernels and transformers' `cu_seq_lens_q`) and the longest."""
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32), max(lengths)
+
+
+def collate_packed(rows: list[list[ModelSample]], length: int, pad_id: int) -> dict[str, torch.Tensor | int]:
+    """Rows of samples -> a (B, length) packed batch with (4, B, length) positions, the sample boundaries of its rows
+    laid end to end (`cu_seq_lens`, `max_length`) and concatenated media."""
     b = len(rows)
     input_ids = torch.full((b, length), pad_id, dtype=torch.long)
     labels = torch.full((b, length), IGNORE, dtype=torch.long)
     positions = torch.zeros((4, b, length), dtype=torch.long)
     conditions = torch.zeros((b, length), dtype=torch.uint8)
-    audio, vision, grids = [], [], []
+    audio, vision, grids, lengths = [], [], [], []
     for r, row in enumerate(rows):
         start = 0
         for s in row:
@@ -150,9 +159,13 @@ def collate_packed(rows: list[list[ModelSample]], length: int, pad_id: int) -> d
             audio += s.audio
             vision += s.vision
             grids += s.grids
+            lengths.append(len(s))
             start = end
         positions[:, r, start:] = torch.arange(length - start)  # the padding is a sample of its own
-    batch = {"input_ids": input_ids, "labels": labels, "position_ids": positions, "conditions": conditions}
+        lengths += [length - start] if start < length else []
+    cu_seq_lens, max_length = sample_bounds(lengths)
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": positions, "conditions": conditions,
+             "cu_seq_lens": cu_seq_lens, "max_length": max_length}
     if audio:
         batch["audio_features"] = torch.cat(audio, dim=1)
         batch["audio_lengths"] = torch.tensor([a.shape[1] for a in audio], dtype=torch.long)

@@ -22,9 +22,10 @@ all-ones mask, so an unpadded batch at inference gets neither (see SPEC.md). We 
 The Thinker runs once per micro-batch (no gradient) on the packed rows as the Thinker objective sees them; every
 Talker sequence of the micro-batch (per sample: the chosen codes, and for DPO the rejected codes too, sharing that
 one Thinker pass) is laid end to end in one row with per-sequence positions, so the Talker's attention stays inside
-each sequence (omni_train.model.kernels.attention's per-sample core). The codec vocabulary is 8,448 wide: its logits are formed
-whole in fp32 (a 4k-position row holds 140 MB of them), or with `trainer.logits_chunk` fused with the loss and
-tiled as the Thinker's head is (omni_train.model.kernels.head_loss).
+each sequence (omni_train.model.kernels.attention's packed core, on the row's sequence boundaries, computed here on
+the host). The codec vocabulary is 8,448 wide: its logits are formed whole in fp32 (a 4k-position row holds 140 MB
+of them), or with `trainer.logits_chunk` fused with the loss and tiled as the Thinker's head is
+(omni_train.model.kernels.head_loss).
 
 DPO (the paper's Talker stage 2; TRL's sigmoid loss, a test checks ours against TRL's): per triplet
   loss = -log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))) + sft_weight * mean CE of the chosen codes,
@@ -44,6 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_train.config.schema import Objective
+from omni_train.data.batch import sample_bounds
+from omni_train.model.kernels.attention import varlen_kwargs
 from omni_train.model.kernels.head_loss import HeadLoss
 from omni_train.model.lora import adapters_off
 from omni_train.model.media import MediaEmbedder
@@ -186,19 +189,20 @@ class TalkerLM(nn.Module):
             raise ValueError(f"speakers {unknown} are not in the model's spk_dict.pt ({sorted(self.speakers)})")
         return torch.tensor([self.speakers[s or self.default_speaker] for s in speakers], device=device)
 
-    def _thinker_states(self, input_ids, position_ids, audio_features, audio_lengths, pixel_values, grid_thw):
+    def _thinker_states(self, input_ids, position_ids, varlen, audio_features, audio_lengths, pixel_values, grid_thw):
         """The Thinker's last hidden states and input embeddings (media positions zeroed), without gradient."""
         with torch.no_grad():
             embeds = self.media(input_ids, audio_features, audio_lengths, pixel_values, grid_thw)
             hidden = self.thinker.model.language_model(
-                inputs_embeds=embeds, position_ids=position_ids, use_cache=False).last_hidden_state
+                inputs_embeds=embeds, position_ids=position_ids, use_cache=False, **varlen).last_hidden_state
             media = torch.isin(input_ids, torch.tensor(MEDIA, device=input_ids.device))
             return hidden, embeds.masked_fill(media.unsqueeze(-1), 0.0)
 
     def _thinker_side(self, batch: dict):
         """The Thinker's states of a micro-batch, the special text-track embeddings and the samples' places."""
         input_ids, labels, positions = batch["input_ids"], batch["labels"], batch["position_ids"]
-        hidden, embeds = self._thinker_states(input_ids, positions, batch.get("audio_features"),
+        varlen = varlen_kwargs(batch["cu_seq_lens"], batch["max_length"])
+        hidden, embeds = self._thinker_states(input_ids, positions, varlen, batch.get("audio_features"),
                                               batch.get("audio_lengths"), batch.get("pixel_values"),
                                               batch.get("grid_thw"))
         table = self.thinker.model.get_input_embeddings()
@@ -222,9 +226,11 @@ class TalkerLM(nn.Module):
                                      eos_embed, self.ids))
         return out, pad_embed
 
-    def sequences(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sequences(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict, torch.Tensor,
+                                              torch.Tensor]:
         """All Talker sequences of a micro-batch in one row: (text track (1, N, H), codec ids (1, N), positions
-        (4, 1, N), targets (1, N), sequence index per position (N,)); chosen sequences first, then rejected."""
+        (4, 1, N), the row's sequence boundaries for the attention (varlen_kwargs), targets (1, N), sequence index
+        per position (N,)); chosen sequences first, then rejected."""
         hidden, embeds, eos_embed, pad_embed, bos_embeds, samples = self._thinker_side(batch)
         labels, positions, lengths = batch["labels"], batch["position_ids"], batch["code_lengths"]
         codes = batch["codes"].split(lengths.t().flatten().tolist())  # chosen of every sample, then rejected
@@ -239,42 +245,46 @@ class TalkerLM(nn.Module):
         codec, pos, targets = (torch.cat([x[k] for x in parts], dim=-1) for k in (1, 2, 3))
         text_pos = torch.cat([torch.arange(x[0].shape[0], device=text.device) for x in parts])
         index = torch.cat([torch.full((x[0].shape[0],), j, device=text.device) for j, x in enumerate(parts)])
-        return (text[None], codec[None], torch.cat([text_pos[None], pos])[:, None], targets[None], index)
+        cu_seq_lens, max_length = sample_bounds([x[0].shape[0] for x in parts])
+        return (text[None], codec[None], torch.cat([text_pos[None], pos])[:, None],
+                varlen_kwargs(cu_seq_lens.to(text.device), max_length), targets[None], index)
 
     def codec_logits(self, talker: nn.Module, text: torch.Tensor, codec: torch.Tensor, positions: torch.Tensor,
-                     keep: torch.Tensor) -> torch.Tensor:
+                     varlen: dict, keep: torch.Tensor) -> torch.Tensor:
         """fp32 codec logits of `talker` (policy or reference) at the `keep` positions of the row (text track plus
         the embedded codec track, through the Talker's projection, decoder and head)."""
-        return talker.codec_head(self._hidden(talker, text, codec, positions)[keep]).float()
+        return talker.codec_head(self._hidden(talker, text, codec, positions, varlen)[keep]).float()
 
     @staticmethod
-    def _hidden(talker: nn.Module, text: torch.Tensor, codec: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _hidden(talker: nn.Module, text: torch.Tensor, codec: torch.Tensor, positions: torch.Tensor,
+                varlen: dict) -> torch.Tensor:
         inputs = text + torch.where((codec >= 0)[..., None],
                                     talker.get_input_embeddings()(codec.clamp(min=0)), 0.0).to(text.dtype)
         return talker.model(inputs_embeds=talker.thinker_to_talker_proj(inputs), position_ids=positions,
-                            use_cache=False).last_hidden_state
+                            use_cache=False, **varlen).last_hidden_state
 
     def token_logps(self, talker: nn.Module, text: torch.Tensor, codec: torch.Tensor, positions: torch.Tensor,
-                    targets: torch.Tensor) -> torch.Tensor:
+                    varlen: dict, targets: torch.Tensor) -> torch.Tensor:
         """log p(target) at every labelled position of the row, under `talker` (tiled when logits_chunk > 0)."""
         keep = targets != IGNORE
         if self.head_losses is None:
-            return -F.cross_entropy(self.codec_logits(talker, text, codec, positions, keep), targets[keep],
+            return -F.cross_entropy(self.codec_logits(talker, text, codec, positions, varlen, keep), targets[keep],
                                     reduction="none")
-        hidden = self._hidden(talker, text, codec, positions)
+        hidden = self._hidden(talker, text, codec, positions, varlen)
         head = self.head_losses["talker" if talker is self.talker else "reference"]
         return -head(hidden[keep], targets[keep])
 
-    def forward(self, input_ids, labels, position_ids, conditions, codes, code_lengths, speakers,
-                ref_logps=None, audio_features=None, audio_lengths=None, pixel_values=None, grid_thw=None):
-        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "codes": codes,
+    def forward(self, input_ids, labels, position_ids, conditions, cu_seq_lens, max_length, codes, code_lengths,
+                speakers, ref_logps=None, audio_features=None, audio_lengths=None, pixel_values=None, grid_thw=None):
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "cu_seq_lens": cu_seq_lens,
+                 "max_length": max_length, "codes": codes,
                  "code_lengths": code_lengths, "speaker_bos": self.speaker_bos(speakers, input_ids.device),
                  "audio_features": audio_features,
                  "audio_lengths": audio_lengths, "pixel_values": pixel_values, "grid_thw": grid_thw}
-        text, codec, positions, targets, index = self.sequences(batch)
+        text, codec, positions, varlen, targets, index = self.sequences(batch)
         keep = targets[0] != IGNORE
         seq = index[keep]
-        logp = self.token_logps(self.talker, text, codec, positions, targets)
+        logp = self.token_logps(self.talker, text, codec, positions, varlen, targets)
         count = int(index.max()) + 1
         per_seq = torch.zeros(count, dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)
         tokens = torch.zeros(count, dtype=logp.dtype, device=logp.device).index_add(0, seq, torch.ones_like(logp))
@@ -289,7 +299,8 @@ class TalkerLM(nn.Module):
         # must gather the reference's parameters in the same micro-batches.
         if self.reference is not None or self.base_reference:
             with torch.no_grad(), adapters_off(self.talker) if self.base_reference else contextlib.nullcontext():
-                ref_logp = self.token_logps(self.talker if self.base_reference else self.reference, text, codec, positions, targets)
+                ref_logp = self.token_logps(self.talker if self.base_reference else self.reference, text, codec,
+                                            positions, varlen, targets)
                 ref = torch.zeros_like(per_seq).index_add(0, seq, ref_logp)
         elif ref_logps is None or torch.isnan(ref_logps).any():
             raise ValueError("talker.reference=precomputed, but a sample of this batch has no reference log-probs "

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_train.data.batch import CONDITIONS
+from omni_train.model.kernels.attention import varlen_kwargs
 from omni_train.model.kernels.head_loss import HeadLoss
 from omni_train.model.media import MediaEmbedder
 from omni_train.tokens import IGNORE
@@ -51,17 +52,18 @@ class ThinkerLM(nn.Module):
         return {**{f"loss/{name}": total / n for name, total, n in zip(CONDITIONS, cond_loss, cond_tokens) if n},
                 **{f"label_tokens/{name}": int(n) for name, n in zip(CONDITIONS, cond_tokens)}}
 
-    def forward(self, input_ids, labels, position_ids, conditions, audio_features=None, audio_lengths=None,
-                pixel_values=None, grid_thw=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss sum of a packed batch (omni_train.data.batch.collate_packed): the leading position row marks
-        samples."""
+    def forward(self, input_ids, labels, position_ids, conditions, cu_seq_lens, max_length, audio_features=None,
+                audio_lengths=None, pixel_values=None, grid_thw=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss sum of a packed batch (omni_train.data.batch.collate_packed): cu_seq_lens and max_length mark its
+        samples for the attention. They describe whole rows, also under sequence parallelism: the Ulysses layer
+        hands its core the whole row."""
         embeds = self.media(input_ids, audio_features, audio_lengths, pixel_values, grid_thw)
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # position i predicts token i + 1
         if self.sp is not None:
             embeds, position_ids = self.sp.shard(embeds, 1), self.sp.shard(position_ids, 2)
             targets, conditions = self.sp.shard(targets, 1), self.sp.shard(conditions, 1)
         hidden = self.thinker.model.language_model(
-            inputs_embeds=embeds, position_ids=position_ids, use_cache=False
+            inputs_embeds=embeds, position_ids=position_ids, use_cache=False, **varlen_kwargs(cu_seq_lens, max_length)
         ).last_hidden_state
         keep = targets != IGNORE
         # The head runs once per micro-batch even when `keep` is empty, so every rank issues the same ZeRO-3 gathers.

@@ -411,8 +411,8 @@ def _reference_logps(objective, model, batch: dict, chosen: torch.Tensor, reject
     try:
         batch = {**batch, "codes": torch.cat([chosen, rejected]),
                  "code_lengths": torch.tensor([[len(chosen), len(rejected)]])}
-        text, codec, positions, targets, index = objective.sequences(batch)
-        logp = objective.token_logps(model.talker, text, codec, positions, targets)
+        text, codec, positions, varlen, targets, index = objective.sequences(batch)
+        logp = objective.token_logps(model.talker, text, codec, positions, varlen, targets)
         per_seq = torch.zeros(2, dtype=logp.dtype).index_add(0, index[targets[0] != IGNORE], logp)
         return [float(per_seq[0]), float(per_seq[1])]
     finally:

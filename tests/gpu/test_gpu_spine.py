@@ -1,6 +1,7 @@
 """GPU checks of the spine: the code users run on GPUs must have run on one. Skipped without CUDA.
 
-bf16 ZeRO-3 training over NCCL on one GPU, with flash-attention 2 when it is installed.
+bf16 ZeRO-3 training over NCCL on one GPU, with flash-attention 2 when it is installed; the packed attention core's
+varlen kernel against the per-sample loop it replaced.
 """
 
 from __future__ import annotations
@@ -29,27 +30,59 @@ def test_bf16_zero3_nccl_training_loss_falls(attn, text_shards, tmp_path):
     assert summary["last_loss"] < summary["first_loss"] - 1.0
 
 
+def test_the_varlen_core_equals_the_per_sample_loop_in_bf16():
+    """Two packed rows (samples of many lengths, a length-1 one, padding; 16 query / 2 key-value heads of 128, the
+    3B's shape) through the core's one varlen kernel call and through the per-sample loop it replaced: outputs and
+    gradients agree to bf16 precision."""
+    from omni_train.data.batch import sample_bounds
+    from omni_train.model.kernels.attention import _flash_takes, packed_attention, varlen_kwargs
+    from tests.helpers.attention_reference import per_sample_attention
+
+    torch.manual_seed(0)
+    rows = [[700, 1, 300, 1000, 47], [2048]]
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in rows]).cuda()
+    cu_seq_lens, max_length = sample_bounds(sum(rows, []))
+
+    def heads(h):
+        return torch.randn(2, 2048, h, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+
+    q, k, v = heads(16), heads(2), heads(2)
+    assert _flash_takes(q, 0.0)
+    results = []
+    for core, kwargs in ((packed_attention, varlen_kwargs(cu_seq_lens.cuda(), max_length)),
+                         (per_sample_attention, {"position_ids": positions})):
+        out, _ = core(None, q, k, v, None, scaling=128 ** -0.5, **kwargs)
+        results.append((out, torch.autograd.grad(out.float().pow(2).sum(), (q, k, v))))
+    (ours, our_grads), (want, want_grads) = results
+    torch.testing.assert_close(ours.float(), want.float(), rtol=2e-2, atol=2e-2)
+    for got, expected in zip(our_grads, want_grads):
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+
+
 def test_packed_core_and_flash_attention_varlen_agree_on_a_packed_row():
-    """The same packed row (three samples and padding) through our per-sample SDPA core and through
-    flash-attention 2's varlen path, which reads the boundaries from the same text positions."""
+    """The same packed row (three samples and padding) through our core and through flash-attention 2's varlen path
+    in transformers, both reading the collator's boundaries from the same keyword arguments."""
     if importlib.util.find_spec("flash_attn") is None:
         pytest.skip("flash-attn is not installed")
     from transformers import AttentionInterface
 
-    from omni_train.model.kernels.attention import packed_attention
+    from omni_train.data.batch import sample_bounds
+    from omni_train.model.kernels.attention import packed_attention, varlen_kwargs
 
     torch.manual_seed(0)
     lengths = [700, 300, 1000, 48]
     positions = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
+    cu_seq_lens, max_length = sample_bounds(lengths)
+    varlen = varlen_kwargs(cu_seq_lens.cuda(), max_length)
     q = torch.randn(1, 4, sum(lengths), 64, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, 2, sum(lengths), 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
 
     class Layer(torch.nn.Module):
         is_causal, training, num_key_value_groups = True, False, 2
 
-    ours, _ = packed_attention(Layer(), q, k, v, None, scaling=0.125, position_ids=positions)
+    ours, _ = packed_attention(Layer(), q, k, v, None, scaling=0.125, **varlen)
     theirs, _ = AttentionInterface._global_mapping["flash_attention_2"](Layer(), q, k, v, None, scaling=0.125,
-                                                                          position_ids=positions)
+                                                                          position_ids=positions, **varlen)
     torch.testing.assert_close(ours.float(), theirs.float(), rtol=2e-2, atol=2e-2)
 
 
@@ -74,7 +107,7 @@ def test_offloaded_checkpointing_and_tiled_mlp_keep_the_loss_and_lower_cuda_memo
     from tests.helpers.sp_step import fixed_batch
     from tests.test_packing import _module
 
-    batch = {k: v.cuda() for k, v in fixed_batch(str(sample_shards)).items()}
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in fixed_batch(str(sample_shards)).items()}
     results = {}
     for name, overrides in {"plain": [], "offload": ["trainer.checkpointing=full", "trainer.offload_activations=true",
                                                      "trainer.mlp_chunk=256"]}.items():

@@ -1,19 +1,32 @@
 """Attention over packed rows, and Ulysses sequence parallelism for the Thinker's language model.
 
-Owns: the per-document causal attention core (`packed_attention`), which finds sample boundaries in a packed row
-from its text position row (positions restart at 0 at every sample, see omni_train.data.batch) and runs causal SDPA on
-each sample separately, so no L x L mask is ever built and no token attends across samples; and `SequenceParallel`,
-which shards a packed row along the sequence over a group of ranks and wraps that core in DeepSpeed's Ulysses
-attention (`deepspeed.runtime.sequence_parallel.ulysses_sp.UlyssesSPAttentionHF`, from ALST): an all-to-all turns
-each rank's slice of the sequence with all heads into the whole sequence with a share of the heads, the core
-attends, and a second all-to-all turns it back.
+Owns: the per-document causal attention core (`packed_attention`) and `SequenceParallel`.
+
+The core reads a micro-batch's sample boundaries from the keyword arguments transformers' language models pass
+through their decoder layers to the attention function (`cu_seq_lens_q`, `max_length_q`: flash-attention's varlen
+names, `varlen_kwargs`), computed once per micro-batch on the host by the collator (omni_train.data.batch), so the
+model never reads positions back from the device to find where samples end. No L x L mask is ever built and no
+token attends across samples. Two kernels, chosen per call by what the inputs allow:
+- on CUDA in bf16/fp16 (no dropout): one call of torch's varlen FlashAttention-2 (`torch.nn.attention.varlen.
+  varlen_attn`) over the whole micro-batch's rows laid end to end, GQA in the kernel. Written for the GPU machines'
+  torch 2.11 and checked on CPU only against this torch's signature: no line of it has run on a GPU yet
+  (tests/gpu/test_gpu_spine.py holds its equality test);
+- otherwise (CPU, fp32, dropout): causal SDPA per sample on a split of the rows, bit for bit the per-sample loop it
+  replaced and faster in the backward (benchmarks/attention_core.py). FlexAttention, which would make this one call
+  with a document mask, has no backward on CPU in torch 2.13. On CUDA this path reads the boundaries back once per
+  layer.
+
+`SequenceParallel` shards a packed row along the sequence over a group of ranks and wraps that core in DeepSpeed's
+Ulysses attention (`deepspeed.runtime.sequence_parallel.ulysses_sp.UlyssesSPAttentionHF`, from ALST): an all-to-all
+turns each rank's slice of the sequence with all heads into the whole sequence with a share of the heads, the core
+attends, and a second all-to-all turns it back. The core sees whole rows, so its boundaries are the collator's, for
+the unsharded rows (ThinkerLM passes them unsharded).
 
 Why not DeepSpeed's `register_with_transformers`: it replaces transformers' global `sdpa` function (the vision and
 audio encoders use it too) and its wrapper drops the attention mask, after which SDPA attends causally over the
 whole gathered row, across packed samples. Here the Ulysses layer is registered under its own name and set on the
-language model's config only, and its core reads document boundaries from the gathered text positions.
-flash-attention's varlen path reads the same boundaries from the same positions, so on GPU the core can be
-transformers' `flash_attention_2`.
+language model's config only. transformers' `flash_attention_2` reads the same keyword arguments, so on GPU it can
+stand in for the core (`model.attn_implementation`).
 
 The encoders share the row's media out over the group and all-gather their outputs, every rank embeds the whole
 row, then keeps its slice (ThinkerLM): TMRoPE is applied per slice before the all-to-all, from the slice's own 3-D
@@ -24,6 +37,9 @@ loss covers its slice's labels, so summing gradients over ranks gives the gradie
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -31,30 +47,69 @@ PACKED = "omni_packed_sdpa"
 ULYSSES = "omni_ulysses"
 
 
-def document_spans(text_positions: torch.Tensor) -> list[tuple[int, int]]:
-    """(start, end) of each sample in one packed row, from its text positions (0 where a sample starts)."""
-    starts = torch.nonzero(text_positions == 0).flatten().tolist()
-    if not starts or starts[0] != 0:
-        starts = [0, *starts]
-    return list(zip(starts, [*starts[1:], len(text_positions)]))
+def varlen_kwargs(cu_seq_lens: torch.Tensor, max_length: int) -> dict:
+    """A micro-batch's sample boundaries (omni_train.data.batch.sample_bounds) as the keyword arguments transformers'
+    language models pass through their decoder layers to the attention function: flash-attention's varlen names, so
+    `flash_attention_2` reads the same ones as the packed core."""
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": max_length,
+            "max_length_k": max_length}
 
 
-def packed_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, position_ids=None,
-                     **_) -> tuple[torch.Tensor, None]:
-    """Causal attention inside each packed sample: query (B, H, L, D), key/value (B, H_kv, L, D), position_ids the
-    (B, L) text positions. Returns (B, L, H, D) as transformers' attention functions do."""
-    if position_ids is None:
-        raise ValueError("packed attention needs the text position row to find sample boundaries")
-    rows = []
-    for b in range(query.shape[0]):
-        pieces = [
-            F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-                                           dropout_p=dropout, is_causal=True, scale=scaling,
-                                           enable_gqa=query.shape[1] != key.shape[1])
-            for s, e in document_spans(position_ids[b])
-        ]
-        rows.append(torch.cat(pieces, dim=2))
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+def _flash_takes(query: torch.Tensor, dropout: float) -> bool:
+    """Whether torch's varlen kernel (FlashAttention-2: CUDA, half precision, no dropout) can run this attention."""
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout
+
+
+def _per_sample(query, key, value, cu_seq_lens, scaling, dropout) -> torch.Tensor:
+    """Causal SDPA sample by sample over (tokens, heads, D) inputs. The inputs are split, not sliced: the backward
+    of a split is one concatenation, where each slice would add a zero gradient the size of the whole row."""
+    lengths = cu_seq_lens.diff().tolist()  # host-side on CPU; a device sync per layer on CUDA
+
+    def heads(x):  # (n, H, D) -> SDPA's (1, H, n, D), a view
+        return x.transpose(0, 1)[None]
+
+    gqa = query.shape[1] != key.shape[1]
+    return torch.cat([
+        F.scaled_dot_product_attention(heads(q), heads(k), heads(v), dropout_p=dropout, is_causal=True, scale=scaling,
+                                       enable_gqa=gqa)[0].transpose(0, 1)
+        for q, k, v in zip(query.split(lengths), key.split(lengths), value.split(lengths))
+    ])
+
+
+def _varlen(query, key, value, cu_seq_lens, max_length, scaling) -> torch.Tensor:
+    """One FlashAttention-2 call over every sample of the micro-batch (torch.nn.attention.varlen)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    # torch >= 2.12 asks for GQA explicitly; the kernel of earlier releases takes fewer key/value heads as they come
+    gqa = {"enable_gqa": True} if query.shape[1] != key.shape[1] and _varlen_asks_for_gqa() else {}
+    return varlen_attn(query, key, value, cu_seq_lens, cu_seq_lens, max_length, max_length, scale=scaling,
+                       window_size=(-1, 0), **gqa)  # (-1, 0): causal
+
+
+@functools.cache
+def _varlen_asks_for_gqa() -> bool:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+def packed_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+                     max_length_q=None, **_) -> tuple[torch.Tensor, None]:
+    """Causal attention inside each packed sample: query (B, H, L, D), key/value (B, H_kv, L, D); cu_seq_lens_q and
+    max_length_q the sample boundaries of the B rows laid end to end (varlen_kwargs). Returns (B, L, H, D) as
+    transformers' attention functions do."""
+    if cu_seq_lens_q is None:
+        raise ValueError("packed attention needs the batch's sample boundaries: pass varlen_kwargs(cu_seq_lens, "
+                         "max_length) of omni_train.data.batch.collate_packed to the language model")
+    b, h, length, d = query.shape
+    # (B, H, L, D) -> (B * L, H, D): the rows end to end, as cu_seq_lens counts them (a view when the projection's
+    # (B, L, H, D) layout is underneath, as it is in transformers' attention layers)
+    q, k, v = (x.transpose(1, 2).reshape(b * length, x.shape[1], d) for x in (query, key, value))
+    if _flash_takes(query, dropout):
+        out = _varlen(q, k, v, cu_seq_lens_q, max_length_q, scaling)
+    else:
+        out = _per_sample(q, k, v, cu_seq_lens_q, scaling, dropout)
+    return out.view(b, length, h, d), None
 
 
 def _register(name: str, fn) -> None:
