@@ -95,8 +95,8 @@ def tokenizer_hash(tokenizer: PreTrainedTokenizerFast) -> str:
 
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(model_path: str | None = None) -> PreTrainedTokenizerFast:
-    """The checkpoint's own tokenizer when `model_path` has one, else the cached offline Qwen2.5 tokenizer.
-    One instance per process and path: callers must not modify it."""
+    """The checkpoint's own tokenizer when `model_path` has one, else the cached offline Qwen2.5 tokenizer (built once
+    per machine, read from disk on each call: about 1.5 s). Callers must not modify it."""
     if model_path is not None and (Path(model_path) / "tokenizer.json").is_file():
         tokenizer = _load(model_path)
         check_special_ids(tokenizer)
