@@ -48,7 +48,7 @@ class Chat:
         self.tokenizer = load_tokenizer(export)
         self.max_new_tokens, self.max_codes = max_new_tokens, max_codes
         if speech:
-            from omni_train.tools.speech import load_speaker
+            from omni_train.tools.pairs import load_speaker
 
             self.model, self.objective, self.speaker = load_speaker(export, speaker)
             self.thinker = self.model.thinker

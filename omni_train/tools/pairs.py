@@ -157,25 +157,31 @@ def prompt_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:7], "little")
 
 
+def load_speaker(model_dir: str, speaker: str | None = None, objective: str = "talker_sft"):
+    """transformers' full model of an export, the Talker's `objective` on it (our training layout) and the speaker's
+    name (default: the first of its spk_dict.pt). An unknown speaker is a ConfigError naming the known ones."""
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    from omni_train.model.talker import TalkerLM
+
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(model_dir).eval()
+    speakers = {name: int(v["bos_token"]) for name, v in model.speaker_map.items()}
+    speaker = speaker or next(iter(speakers))
+    if speaker not in speakers:
+        raise ConfigError(f"speaker {speaker} is not in {model_dir}/spk_dict.pt (it has {sorted(speakers)})")
+    return model, TalkerLM(model.thinker, model.talker, objective, speakers, speaker), speaker
+
+
 class Pairer:
     """The model, its Talker objective, the voice and the scorer: prompt in, a triplet or a set-aside reason out."""
 
     def __init__(self, args):
-        from transformers import Qwen2_5OmniForConditionalGeneration
-
         from omni_train.config.schema import Objective
-        from omni_train.model.talker import TalkerLM
         from omni_train.tokenizer import load_tokenizer
 
         self.args = args
-        self.model = Qwen2_5OmniForConditionalGeneration.from_pretrained(args.model).eval()
+        self.model, self.objective, self.speaker = load_speaker(args.model, args.speaker, Objective.talker_dpo)
         self.tokenizer = load_tokenizer(args.model)
-        self.speakers = {name: int(v["bos_token"]) for name, v in self.model.speaker_map.items()}
-        self.speaker = args.speaker or next(iter(self.speakers))
-        if self.speaker not in self.speakers:
-            raise ConfigError(f"speaker {self.speaker} is not in {args.model}/spk_dict.pt ({sorted(self.speakers)})")
-        self.objective = TalkerLM(self.model.thinker, self.model.talker, Objective.talker_dpo, self.speakers,
-                                  self.speaker)
         self.score = SCORERS[args.scorer](args, self.model, self.tokenizer)
         self.voice = self.model.speaker_map[self.speaker]
         self.base = Path(args.prompts).resolve().parent
@@ -191,7 +197,8 @@ class Pairer:
         except (SampleError, ValueError) as e:  # json's JSONDecodeError is a ValueError
             return {"set_aside": {"id": rid, "reason": str(e)}}
         torch.manual_seed(prompt_seed(args.seed, index))
-        batch, text, prompt, pad_embed = spoken_reply(objective, sample, self.speakers[self.speaker], self.tokenizer)
+        batch, text, prompt, pad_embed = spoken_reply(objective, sample, int(self.voice["bos_token"]),
+                                                       self.tokenizer)
         with torch.no_grad():
             candidates, _ = sample_codes(model.talker, prompt, pad_embed, args.samples, args.max_codes, args.top_k,
                                          args.top_p, args.temperature, objective.ids)

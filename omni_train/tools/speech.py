@@ -6,8 +6,7 @@ Talker samples one codec sequence in the training layout (omni_train/tools/pairs
 renders it, a recogniser (omni_train/tools/scorers.py, pocketsphinx by default) transcribes it, and the word error
 rate against the reply text and the pause/duration penalty are recorded. The result: mean WER, mean pause penalty,
 mean seconds, every sample's transcript, and the records set aside (with the reason training would give). `omni-train eval MODEL --speech MANIFEST` and the demo run it.
-`load_speaker` (a full export and its Talker objective for one voice) and `speak` (one reply, spoken) are also what
-`omni-train chat --wav` speaks with.
+`speak` (one reply, spoken) is also what `omni-train chat --wav` speaks with.
 """
 
 from __future__ import annotations
@@ -17,23 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def load_speaker(model_dir: str, speaker: str | None = None):
-    """transformers' full model of an export, the Talker's objective on it (our training layout) and the speaker's
-    name (default: the first of its spk_dict.pt). An unknown speaker is a ConfigError naming the known ones."""
-    from transformers import Qwen2_5OmniForConditionalGeneration
-
-    from omni_train.config.schema import Objective
-    from omni_train.errors import ConfigError
-    from omni_train.model.talker import TalkerLM
-
-    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(model_dir).eval()
-    speakers = {name: int(v["bos_token"]) for name, v in model.speaker_map.items()}
-    speaker = speaker or next(iter(speakers))
-    if speaker not in speakers:
-        raise ConfigError(f"speaker {speaker} is not in {model_dir}/spk_dict.pt (it has {sorted(speakers)})")
-    return model, TalkerLM(model.thinker, model.talker, Objective.talker_sft, speakers, speaker), speaker
 
 
 def speak(model, objective, speaker: str, sample, tokenizer, max_codes: int) -> tuple[str, np.ndarray]:
@@ -53,6 +35,7 @@ def speech_task(model_dir: str, manifest: str, asr: str = "pocketsphinx", speake
     from data_prep.chatml import SampleError
     from omni_train.tokenizer import load_tokenizer
     from omni_train.tools.conversation import prepare_sample
+    from omni_train.tools.pairs import load_speaker
     from omni_train.tools.scorers import SAMPLE_RATE, intelligibility, make_asr
 
     torch.manual_seed(seed)
