@@ -195,7 +195,7 @@ def main() -> None:
         report["tests_gpu"] = {"exit": tests.returncode, "tail": tests.stdout[-1500:]}
         data = _corpus(root)
         shards, talker = data["mixture"], data["triplets"]
-        bf16 = ["model.dtype=bfloat16", "model.attn_implementation=sdpa"]
+        bf16 = ["trainer.precision=bf16", "model.attn_implementation=sdpa"]
         # The 7B's full ZeRO-3 state (16 bytes a parameter, ~142 GB for 8.9B) does not fit one 141 GB card: half its
         # layers (the same layer shape) do.
         shapes = {"3b": ["model=qwen2_5_omni_3b", *bf16, "trainer.checkpointing=full"],

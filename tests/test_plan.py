@@ -76,7 +76,7 @@ def test_tiling_sequence_parallel_and_checkpointing_move_their_lines():
 def test_lora_and_the_talker_stages_count_what_they_train():
     from omni_train.model.build import omni_config
 
-    base = ["model=qwen2_5_omni_7b", "launcher.nproc_per_node=1", "model.dtype=bfloat16"]
+    base = ["model=qwen2_5_omni_7b", "launcher.nproc_per_node=1", "trainer.precision=bf16"]
     optimizer, params = "optimizer + gradients (shard)", "parameters (ZeRO-3 shard)"
     full = estimate(compose([*base, "stage=sft"]))
     lora = estimate(compose([*base, "stage=sft", "stage.lora.enabled=true", "stage.lora.r=8"]))

@@ -18,11 +18,13 @@ REDACTED = "<redacted>"  # what a saved config holds in place of a credential (o
 # What a resumed run keeps whatever the command line says: the data order, the rows and the model depend on them.
 # (The number of processes and data.workers may change: the checkpoint and the data position are re-dealt.)
 FIXED_ON_RESUME = ("stage.objective", "stage.trainable", "stage.lora", "deepspeed.enabled", "model.preset", "model.path", "model.compose",
-                   "model.hf_config", "model.dtype", "talker.reference", "data.sources", "data.max_len",
+                   "model.hf_config", "trainer.precision", "talker.reference", "data.sources", "data.max_len",
                    "data.chunk_samples", "data.pad_to_multiple_of", "data.resample", "trainer.seed",
                    "trainer.micro_batch_size")
 # Keys that always come from the command line, never from the saved config.
 CURRENT = ("resume", "run_dir")
+# Keys that were renamed: old key -> (new key, old value -> new value).
+RENAMED = {"model.dtype": ("trainer.precision", {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"})}
 
 
 def compose(overrides: list[str]) -> Config:
@@ -33,6 +35,11 @@ def compose(overrides: list[str]) -> Config:
     from omegaconf.errors import OmegaConfBaseException
 
     register()
+    for key in set_keys(overrides):
+        if key in RENAMED:
+            new, values = RENAMED[key]
+            raise ConfigError(f"{key} is now {new} ({' | '.join(sorted(set(values.values())))} | auto): set that "
+                              "instead")
     try:
         with initialize_config_module("omni_train.conf", version_base=None):
             cfg = OmegaConf.to_object(hydra_compose("config", overrides=overrides))
@@ -68,7 +75,7 @@ def restore_saved(cfg: Config, overrides: list[str]) -> Config:
 
     fresh = OmegaConf.structured(cfg)
     try:
-        saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved_file))
+        saved = OmegaConf.merge(OmegaConf.structured(Config), _renamed(OmegaConf.load(saved_file)))
     except (OmegaConfBaseException, ValueError) as e:
         raise ConfigError(f"{saved_file} no longer matches this framework's settings ({' '.join(str(e).split())[:200]})"
                           ": resume with resume=PATH into a new run_dir and the settings on the command line") from None
@@ -87,6 +94,19 @@ def restore_saved(cfg: Config, overrides: list[str]) -> Config:
                 f"data order, the rows and the model depend on it). Keep it, or start a new run_dir from this run's "
                 f"export or checkpoint with model.path=...")
     return OmegaConf.to_object(saved)
+
+
+def _renamed(saved):
+    """A config saved before a RENAMED key's rename, with the key under its new name."""
+    from omegaconf import OmegaConf
+
+    for old, (new, values) in RENAMED.items():
+        value = OmegaConf.select(saved, old)
+        if value is not None:
+            parent, name = old.rsplit(".", 1)
+            OmegaConf.select(saved, parent).pop(name)
+            OmegaConf.update(saved, new, values.get(str(value), value), force_add=True)
+    return saved
 
 
 def _unredact(saved, fresh) -> None:

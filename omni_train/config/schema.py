@@ -45,10 +45,13 @@ class Reference(StrEnum):
     precomputed = "precomputed"
 
 
-class DType(StrEnum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+class Precision(StrEnum):
+    """The training precision (trainer.precision); `auto` is resolved on the ranks (`effective_precision`)."""
+
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
 
 
 class Attention(StrEnum):
@@ -104,9 +107,6 @@ class ModelConfig:
     path: Optional[str] = None
     # Stage-1 initialisation by composition (omni_train/model/keymap.py lists the key mapping); exclusive with `path`.
     compose: ComposeConfig = field(default_factory=ComposeConfig)
-    # Parameter dtype. 16-bit under DeepSpeed trains with its fp32 master weights; deepspeed=none needs float32 or
-    # LoRA.
-    dtype: DType = DType.float32
     # transformers' attention kernel; sdpa runs omni-train's packed per-sample core on the LLM (no L x L mask);
     # flash_attention_2 needs the flash-attn package and a CUDA GPU.
     attn_implementation: Attention = Attention.sdpa
@@ -202,6 +202,12 @@ class TrainerConfig:
     # A step whose loss or gradient norm is not finite (on any rank) is skipped on every rank: no change to the
     # weights, the optimizer or the LR schedule. After this many such steps in a row the run stops (exit code 4).
     max_nonfinite_steps: int = 3
+    # The parameters' and activations' precision: bf16 | fp16 (under DeepSpeed with its fp32 master weights and
+    # optimizer state; deepspeed=none keeps LoRA's adapters in fp32 and refuses a 16-bit full fine-tune) | fp32 |
+    # auto: bf16 where the ranks run on CUDA GPUs and either DeepSpeed or LoRA keeps the trained weights in fp32,
+    # else fp32 (CPU ranks; deepspeed=none training every weight). The run saves the precision it resolved, and a
+    # resume keeps it. The losses accumulate in fp32 whatever the precision.
+    precision: Precision = Precision.auto
 
 
 @dataclass
@@ -356,6 +362,16 @@ class Config:
     run_dir: str = "outputs/${stage.name}"
     # none: start fresh (refused if run_dir has checkpoints); auto: newest complete checkpoint in run_dir.
     resume: str = "none"
+
+
+def effective_precision(cfg: Config, gpu: bool) -> Precision:
+    """trainer.precision with `auto` resolved for ranks on CUDA GPUs (`gpu`) or on CPUs: bf16 on GPUs when fp32
+    copies of the trained weights exist (DeepSpeed's master weights, or LoRA's fp32 adapters without DeepSpeed),
+    fp32 otherwise (CPU ranks; plain AdamW on every weight of a 16-bit model would round its updates away)."""
+    chosen = Precision(cfg.trainer.precision)
+    if chosen != Precision.auto:
+        return chosen
+    return Precision.bf16 if gpu and (cfg.deepspeed.enabled or cfg.stage.lora.enabled) else Precision.fp32
 
 
 def register() -> None:

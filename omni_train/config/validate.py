@@ -72,10 +72,10 @@ def validate(cfg: Config) -> None:
     world = cfg.launcher.nproc_per_node * cfg.launcher.nodes
     _check(ds.enabled or world == 1, f"deepspeed=none trains in one process, but the launcher asks for {world}: set "
                                      "launcher.nproc_per_node=1 (and nodes=1), or use deepspeed=zero3")
-    _check(ds.enabled or cfg.model.dtype == "float32" or cfg.stage.lora.enabled,
-           f"deepspeed=none with model.dtype={cfg.model.dtype} trains LoRA adapters only (kept in fp32 beside the "
-           "16-bit base): set stage.lora.enabled=true, or model.dtype=float32, or use deepspeed=zero3 (fp32 master "
-           "weights)")
+    _check(ds.enabled or cfg.trainer.precision in ("fp32", "auto") or cfg.stage.lora.enabled,
+           f"deepspeed=none with trainer.precision={cfg.trainer.precision} trains LoRA adapters only (kept in fp32 "
+           "beside the 16-bit base): set stage.lora.enabled=true, or trainer.precision=fp32, or use deepspeed=zero3 "
+           "(fp32 master weights)")
     _check(
         ds.offload_param == "none" or ds.zero_stage == 3, "deepspeed.offload_param needs deepspeed.zero_stage=3"
     )

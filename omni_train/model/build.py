@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from omni_train import dist
-from omni_train.config.schema import DType, ModelConfig
+from omni_train.config.schema import ModelConfig, Precision
 from omni_train.errors import ConfigError
 from omni_train.files import is_complete
 from omni_train.model import keymap
@@ -36,7 +36,7 @@ from omni_train.model.keymap import Source
 from omni_train.progress import Progress
 from omni_train.tokens import VISION_BOS, VISION_EOS
 
-DTYPES = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16, DType.float16: torch.float16}
+DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
 
 
 def _read_checkpoint_config(path: Path) -> dict[str, Any]:
@@ -124,15 +124,15 @@ def _zero3_hook(ds_config: dict | None):
     return HfDeepSpeedConfig(ds_config) if zero3 else None
 
 
-def build_thinker(cfg: ModelConfig, ds_config: dict | None):
-    """Instantiate the Thinker, partitioned under ZeRO-3 when `ds_config` enables stage 3, with weights
+def build_thinker(cfg: ModelConfig, ds_config: dict | None, dtype: torch.dtype = torch.float32):
+    """Instantiate the Thinker in `dtype`, partitioned under ZeRO-3 when `ds_config` enables stage 3, with weights
     from `cfg.path` when given (random init from the preset otherwise)."""
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
     config = omni_config(cfg).thinker_config
     hf_ds = _zero3_hook(ds_config)
     model = Qwen2_5OmniThinkerForConditionalGeneration._from_config(
-        config, dtype=DTYPES[cfg.dtype], attn_implementation=str(cfg.attn_implementation)
+        config, dtype=dtype, attn_implementation=str(cfg.attn_implementation)
     )
     if cfg.path is not None and is_deepspeed_checkpoint(cfg.path):
         load_weights(model, *keymap.released(consolidate(Path(cfg.path))), origin=cfg.path)
@@ -154,8 +154,9 @@ def weights_dir(cfg: ModelConfig) -> Path | None:
     return consolidate(Path(cfg.path)) if is_deepspeed_checkpoint(cfg.path) else Path(cfg.path)
 
 
-def build_talker(cfg: ModelConfig, ds_config: dict | None) -> tuple[nn.Module, bool]:
-    """The Talker (transformers' Qwen2_5OmniTalkerForConditionalGeneration), partitioned under ZeRO-3 like the
+def build_talker(cfg: ModelConfig, ds_config: dict | None, dtype: torch.dtype = torch.float32
+                 ) -> tuple[nn.Module, bool]:
+    """The Talker (transformers' Qwen2_5OmniTalkerForConditionalGeneration) in `dtype`, partitioned under ZeRO-3 like the
     Thinker, with the weights of `model.path` when it holds a Talker; (model, whether weights were loaded). A
     Thinker-only checkpoint (the Thinker stages' exports) leaves the Talker at its random initialisation."""
     from transformers import Qwen2_5OmniTalkerForConditionalGeneration
@@ -164,7 +165,7 @@ def build_talker(cfg: ModelConfig, ds_config: dict | None) -> tuple[nn.Module, b
     hf_ds = _zero3_hook(ds_config)
     with _transformers_log_level(logging.ERROR):  # its config's Thinker ids lie outside the codec vocabulary
         model = Qwen2_5OmniTalkerForConditionalGeneration._from_config(
-            config, dtype=DTYPES[cfg.dtype], attn_implementation=str(cfg.attn_implementation))
+            config, dtype=dtype, attn_implementation=str(cfg.attn_implementation))
     source = weights_dir(cfg)
     plan = keymap.part(source, keymap.TALKER) if source is not None else {}
     if plan:

@@ -13,14 +13,27 @@ import math
 import torch
 from torch import nn
 
-from omni_train.config.schema import Config
+from omni_train.config.schema import Config, Precision, effective_precision
 from omni_train.errors import ConfigError
 from omni_train.train.distributed import on_gpu
+
+
+def precision(cfg: Config) -> Precision:
+    """This rank's training precision: trainer.precision, `auto` resolved for the device it runs on."""
+    return effective_precision(cfg, on_gpu())
+
+
+def training_dtype(cfg: Config) -> torch.dtype:
+    """The dtype the stage's models are built in (`precision`)."""
+    from omni_train.model.build import DTYPES
+
+    return DTYPES[precision(cfg)]
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """The DeepSpeed JSON for this run, from the `deepspeed` and `trainer` groups."""
     ds, t = cfg.deepspeed, cfg.trainer
+    half = precision(cfg)
     zero: dict = {"stage": ds.zero_stage, "overlap_comm": ds.overlap_comm, "contiguous_gradients": True,
                   "reduce_bucket_size": ds.reduce_bucket_size}
     if ds.zero_stage == 3:
@@ -40,8 +53,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
-        "fp16": {"enabled": cfg.model.dtype == "float16"},
+        "bf16": {"enabled": half == Precision.bf16},
+        "fp16": {"enabled": half == Precision.fp16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         # DeepSpeed's own optimizer ops need compiled kernels; ours is torch's AdamW (ZeRO wraps it).

@@ -247,6 +247,7 @@ def setup(cfg: Config) -> Run:
     from omni_train.tokenizer import load_tokenizer
     from omni_train.train.memory import warn_if_too_big
     from omni_train.train.distributed import Timeouts, init_distributed
+    from omni_train.train.engine import precision
     from omni_train.train.metrics import Metrics
 
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) or int(os.environ.get("SLURM_RESTART_COUNT", "0"))
@@ -260,6 +261,7 @@ def setup(cfg: Config) -> Run:
     timeouts = Timeouts(t.startup_timeout_min, t.dist_timeout_min)
     _quiet(rank)
     check_world(cfg, world)
+    t.precision = precision(cfg)  # `auto` resolved for this device: saved with the config, so a resume keeps it
     sp = SequenceParallel(t.sequence_parallel) if t.sequence_parallel > 1 else None
     # Ranks of a sequence-parallel group read the same rows; only the group's first rank counts data statistics.
     dp_rank, dp_world = (sp.dp_rank, sp.dp_world) if sp else (rank, world)

@@ -7,7 +7,8 @@ Thinker, and the start-of-training check that warns when it will not fit the GPU
 Per GPU, with W = launcher.nodes x launcher.nproc_per_node ranks, N parameters of the stage's module (the Thinker;
 for the Talker stages also the Talker and, for talker_dpo with a reference copy, that copy; with stage.lora also
 the adapters), N_t of them trained (stage.trainable; with LoRA the adapters and stage.lora.train_fully), p bytes per
-parameter element (2 for bf16/fp16, 4 for fp32; with LoRA, model.dtype=bfloat16 keeps the frozen base in bf16),
+parameter element (2 for bf16/fp16, 4 for fp32: trainer.precision, `auto` taken as on GPUs; with LoRA, bf16 keeps
+the frozen base in bf16),
 T = micro_batch_size x max_len / sequence_parallel tokens:
 - parameters: N x p / W (ZeRO-3 partitions them; 0 with offload_param=cpu);
 - optimizer and gradients: N_t x 16 / W with 16-bit weights (fp32 master, Adam m and v, fp32 gradient partition),
@@ -33,7 +34,7 @@ import math
 
 import torch
 
-from omni_train.config.schema import Config
+from omni_train.config.schema import Config, effective_precision
 
 GIB = 2**30
 
@@ -104,7 +105,7 @@ def estimate(cfg: Config) -> dict[str, float]:
     talker = getattr(module, "talker", None)
     text = talker.config if talker is not None else module.thinker.config.text_config
     world = cfg.launcher.nodes * cfg.launcher.nproc_per_node
-    element = DTYPES[cfg.model.dtype].itemsize
+    element = DTYPES[effective_precision(cfg, gpu=True)].itemsize
     ds = cfg.deepspeed
     lines = model_states(total, trainable, largest, world, element, ds.offload_param != "none",
                          ds.offload_optimizer != "none")
@@ -133,7 +134,7 @@ def report(cfg: Config, gpu_gb: float) -> tuple[str, bool]:
     head = (f"memory plan per GPU: model={cfg.model.preset} stage={cfg.stage.name} {cfg.launcher.nodes} node(s) x "
             f"{cfg.launcher.nproc_per_node} = {world} ranks, micro batch {cfg.trainer.micro_batch_size} x "
             f"{cfg.data.max_len} tokens, sequence parallel {cfg.trainer.sequence_parallel}, "
-            f"{cfg.model.dtype}, checkpointing {t.checkpointing}{' (offloaded)' if t.offload_activations else ''}, "
+            f"{effective_precision(cfg, gpu=True)}, checkpointing {t.checkpointing}{' (offloaded)' if t.offload_activations else ''}, "
             f"logits_chunk {t.logits_chunk}, mlp_chunk {t.mlp_chunk}")
     body = [f"  {name:<42} {value / GIB:8.2f} GiB" for name, value in lines.items()]
     fits = total <= gpu_gb * GIB

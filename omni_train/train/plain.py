@@ -9,7 +9,7 @@ scheduler step; gradients cleared), as DeepSpeed skips it. A checkpoint director
 (every parameter, or with `exclude_frozen_parameters` the trained ones), `optimizer.pt` (tensors and numbers only,
 read back with `weights_only=True`) and `scheduler.json`.
 
-The model keeps `model.dtype`; trained LoRA adapters are kept in fp32 beside a bf16 base (PEFT casts their inputs
+The model keeps the run's precision (`trainer.precision`); trained LoRA adapters are kept in fp32 beside a bf16 base (PEFT casts their inputs
 and outputs), the role DeepSpeed's fp32 master weights play under ZeRO.
 """
 

@@ -23,11 +23,12 @@ def test_bf16_zero3_nccl_training_loss_falls(attn, text_shards, tmp_path):
         pytest.skip("flash-attn is not installed")
     run_dir = tmp_path / "run"
     result = run_launch(f"run_dir={run_dir}", *data_args(text_shards, workers=2), "launcher.nproc_per_node=1",
-                        "model.dtype=bfloat16", f"model.attn_implementation={attn}", "trainer.max_steps=20",
+                        f"model.attn_implementation={attn}", "trainer.max_steps=20",
                         "trainer.lr=3e-3")
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["last_loss"] < summary["first_loss"] - 1.0
+    assert "precision: bf16" in (run_dir / "config.yaml").read_text()  # trainer.precision=auto on a GPU
 
 
 def test_the_varlen_core_equals_the_per_sample_loop_in_bf16():
@@ -90,7 +91,7 @@ def test_packed_core_and_flash_attention_varlen_agree_on_a_packed_row():
 def test_sequence_parallel_bf16_nccl_training_loss_falls(sample_shards, tmp_path):
     run_dir = tmp_path / "run"
     result = run_launch(f"run_dir={run_dir}", *data_args(sample_shards, workers=1), "data.max_len=2048",
-                        "launcher.nproc_per_node=2", "trainer.sequence_parallel=2", "model.dtype=bfloat16",
+                        "launcher.nproc_per_node=2", "trainer.sequence_parallel=2", "trainer.precision=bf16",
                         "trainer.max_steps=20", "trainer.lr=3e-3")
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -134,7 +135,7 @@ def test_talker_dpo_bf16_on_gpu_starts_at_ln2(sample_corpus, tmp_path):
     shards = tmp_path / "triplets"
     build(str(sample_corpus.parent / "triplets.jsonl"), str(shards), from_overrides(["workers=1"]), progress=False)
     common = [f"data.sources=[{{name:t,path:{shards}}}]", "data.max_len=512", "data.workers=1",
-              "launcher.nproc_per_node=1", "model.dtype=bfloat16", "trainer.max_steps=4", "trainer.warmup_steps=0"]
+              "launcher.nproc_per_node=1", "trainer.precision=bf16", "trainer.max_steps=4", "trainer.warmup_steps=0"]
     sft = tmp_path / "sft"
     result = run_launch("stage=talker_sft", f"run_dir={sft}", *common)
     assert result.returncode == 0, result.stderr[-4000:]

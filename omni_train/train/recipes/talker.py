@@ -46,15 +46,15 @@ class TalkerRecipe:
         from omni_train.model.kernels import activations
         from omni_train.model.kernels.attention import use_packed_attention
         from omni_train.model.talker import TalkerLM
-        from omni_train.train.engine import choose_trainable, deepspeed_config, initialize
+        from omni_train.train.engine import choose_trainable, deepspeed_config, initialize, training_dtype
         from omni_train.train.export import ADAPTER_DIR, export_adapter, export_omni, omni_layout
 
         # Token2Wav first, before any ZeRO-3 construction: once DeepSpeed's zero.Init has run in this process, it may
         # still partition parameters created later (Token2Wav is not trained and must stay whole for the export).
         token2wav = build_token2wav(cfg.model) if cfg.trainer.export else None
-        ds_config = deepspeed_config(cfg, world)
-        thinker = build_thinker(cfg.model, ds_config)
-        talker, loaded = build_talker(cfg.model, ds_config)
+        ds_config, dtype = deepspeed_config(cfg, world), training_dtype(cfg)
+        thinker = build_thinker(cfg.model, ds_config, dtype)
+        talker, loaded = build_talker(cfg.model, ds_config, dtype)
         if self.objective == Objective.talker_dpo and not loaded:
             raise ConfigError(f"talker_dpo starts from a trained Talker, but model.path={cfg.model.path} holds none: "
                               "point it at a talker_sft export (or a released Qwen2.5-Omni checkpoint)")
@@ -63,7 +63,7 @@ class TalkerRecipe:
         # With LoRA the reference is the Talker with its adapters off: no second copy of the weights.
         base_reference = lora and self.objective == Objective.talker_dpo and cfg.talker.reference == Reference.model
         if self.objective == Objective.talker_dpo and cfg.talker.reference == Reference.model and not lora:
-            reference, _ = build_talker(cfg.model, ds_config)
+            reference, _ = build_talker(cfg.model, ds_config, dtype)
         activations.checkpointing(talker, cfg.trainer)  # the Thinker runs without gradient: nothing to keep
         if cfg.model.attn_implementation == Attention.sdpa:
             for model in (thinker.model.language_model, talker.model, *([reference.model] if reference else [])):

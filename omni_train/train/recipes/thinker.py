@@ -34,11 +34,11 @@ class ThinkerRecipe:
         from omni_train.model.kernels import activations
         from omni_train.model.kernels.attention import use_packed_attention
         from omni_train.model.thinker import ThinkerLM
-        from omni_train.train.engine import choose_trainable, deepspeed_config, initialize
+        from omni_train.train.engine import choose_trainable, deepspeed_config, initialize, training_dtype
         from omni_train.train.export import ADAPTER_DIR, export_adapter, export_pretrained
 
         ds_config = deepspeed_config(cfg, world)
-        thinker = build_thinker(cfg.model, ds_config)
+        thinker = build_thinker(cfg.model, ds_config, training_dtype(cfg))
         activations.apply(thinker, cfg.trainer)
         if sp is not None:
             sp.attach(thinker.model.language_model, cfg.trainer.micro_batch_size, str(cfg.model.attn_implementation))
