@@ -219,6 +219,17 @@ def is_deepspeed_checkpoint(path: str | Path) -> bool:
     return is_complete(path)
 
 
+def run_state(ckpt: str | Path, rank: int = 0) -> dict:
+    """The run state rank `rank` saved in a training checkpoint (`run_state_rank{R}.json`, written by
+    omni_train.train.checkpoint), or one ConfigError saying the checkpoint is not readable."""
+    path = Path(ckpt) / f"run_state_rank{rank}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{ckpt} has no readable run state ({path.name}: {e}): it is not a checkpoint of this "
+                          "framework, or it is damaged") from None
+
+
 def consolidate(ckpt: Path) -> Path:
     """The full fp32 weights of a DeepSpeed checkpoint as safetensors (DeepSpeed's own zero_to_fp32), written once
     into `ckpt/fp32` by rank 0 (temporary name, then rename) while the other ranks wait. The checkpoint is
@@ -317,8 +328,7 @@ def check_checkpoint(cfg: ModelConfig, talker: bool = False) -> None:
     )
 
     if cfg.path is not None and is_deepspeed_checkpoint(cfg.path):
-        state = Path(cfg.path) / "run_state_rank0.json"
-        if state.is_file() and json.loads(state.read_text()).get("adapters_only"):
+        if run_state(cfg.path).get("adapters_only"):
             raise ConfigError(f"model.path={cfg.path} is a checkpoint of a LoRA run, which holds its adapters only: "
                               "start from that run's export (RUN_DIR/export, the adapters merged in)")
     if cfg.path is None or is_deepspeed_checkpoint(cfg.path):

@@ -21,6 +21,7 @@ import torch
 from omni_train.errors import ConfigError
 from omni_train.files import COMPLETE as MARKER
 from omni_train.files import write_json_atomic
+from omni_train.model.build import run_state
 
 
 def _dir(run_dir: str) -> Path:
@@ -86,11 +87,11 @@ def save(engine, run_dir: str, step: int, loader_state: dict, keep_last: int, ex
 
 def written_by(ckpt: Path) -> int:
     """The number of ranks that wrote a checkpoint."""
-    try:
-        return int(json.loads((ckpt / "run_state_rank0.json").read_text())["world_size"])
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"{ckpt} has no readable run state (run_state_rank0.json: {e}): it is not a checkpoint "
-                          "of this framework, or it is damaged") from None
+    state = run_state(ckpt)
+    if "world_size" not in state:
+        raise ConfigError(f"{ckpt}: its run state names no world_size: it is not a checkpoint of this framework, or "
+                          "it is damaged")
+    return int(state["world_size"])
 
 
 UNIVERSAL = "universal"  # the subdirectory a checkpoint's resharding-ready copy is written to
@@ -130,14 +131,6 @@ def loader_states(ckpt: Path) -> list[dict]:
     return [states[r] for r in sorted(states)]
 
 
-def adapters_only(ckpt: Path) -> bool:
-    """Whether `ckpt` was saved without its frozen weights (a LoRA run's)."""
-    try:
-        return bool(json.loads((ckpt / "run_state_rank0.json").read_text()).get("adapters_only"))
-    except (OSError, ValueError):
-        return False
-
-
 def load(engine, ckpt: Path) -> dict:
     """Restore the engine (weights, optimizer, LR schedule) and this rank's RNG; return its run state.
 
@@ -149,11 +142,12 @@ def load(engine, ckpt: Path) -> dict:
     old_world = written_by(ckpt)
     if old_world != world:
         universal = to_universal(ckpt)
-        load_path, _ = engine.load_checkpoint(str(ckpt), tag=universal.name, load_module_strict=not adapters_only(ckpt))
+        load_path, _ = engine.load_checkpoint(str(ckpt), tag=universal.name,
+                                              load_module_strict=not run_state(ckpt).get("adapters_only"))
         if load_path is None:
             raise ConfigError(f"DeepSpeed could not load {universal}, the universal copy of {ckpt}")
-        return {**json.loads((ckpt / "run_state_rank0.json").read_text()), "resharded": old_world}
-    state = json.loads((ckpt / f"run_state_rank{rank}.json").read_text())
+        return {**run_state(ckpt), "resharded": old_world}
+    state = run_state(ckpt, rank)
     # a LoRA checkpoint lacks the frozen weights: the module built from model.path already holds them
     load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name,
                                           load_module_strict=not state.get("adapters_only", False))

@@ -65,9 +65,9 @@ def _base(cfg: Config) -> str | None:
 
 def _check_base(cfg: Config, ckpt: Path) -> None:
     """A LoRA checkpoint resumes only on the base it was trained on: model.path's files as they were."""
-    import json
+    from omni_train.model.build import run_state
 
-    state = json.loads((ckpt / "run_state_rank0.json").read_text())
+    state = run_state(ckpt)
     if state.get("adapters_only") and state.get("base") != _base(cfg):
         raise ConfigError(f"resume: {ckpt} holds LoRA adapters trained on model.path={cfg.model.path} as it was then, "
                           "and its files have changed since (the checkpoint does not hold the base): point "
