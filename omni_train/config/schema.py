@@ -55,7 +55,8 @@ class Precision(StrEnum):
 
 
 class Attention(StrEnum):
-    """transformers' attention implementation for the model (sdpa: our per-sample packed core on the LLM)."""
+    """transformers' attention implementation for the model (sdpa: our per-sample packed core on the LLM, our
+    per-chunk/window attention on the encoders)."""
 
     sdpa = "sdpa"
     flash_attention_2 = "flash_attention_2"
@@ -107,7 +108,8 @@ class ModelConfig:
     path: Optional[str] = None
     # Stage-1 initialisation by composition (omni_train/model/keymap.py lists the key mapping); exclusive with `path`.
     compose: ComposeConfig = field(default_factory=ComposeConfig)
-    # transformers' attention kernel; sdpa runs omni-train's packed per-sample core on the LLM (no L x L mask);
+    # transformers' attention kernel; sdpa runs omni-train's packed per-sample core on the LLM (no L x L mask) and
+    # its encoder attention (one call per layer over all audio chunks or vision windows) on the encoders;
     # flash_attention_2 needs the flash-attn package and a CUDA GPU.
     attn_implementation: Attention = Attention.sdpa
     # Keyword arguments of transformers' Qwen2_5OmniConfig (thinker_config, talker_config, token2wav_config).

@@ -409,12 +409,14 @@ def merge(out: Path, shown: str | None = None) -> dict:
 
 def _reference_logps(objective, model, batch: dict, chosen: torch.Tensor, rejected: torch.Tensor) -> list[float]:
     """log p(chosen), log p(rejected) under the current Talker, exactly as talker_dpo's loss computes them."""
-    from omni_train.model.kernels.attention import use_packed_attention
+    from omni_train.model.kernels.attention import use_encoder_attention, use_packed_attention
 
     models = (model.talker.model, model.thinker.model.language_model)
-    before = [m.config._attn_implementation for m in models]
+    everything = (*models, model.thinker.model.audio_tower, model.thinker.model.visual)
+    before = [m.config._attn_implementation for m in everything]
     for m in models:  # per-sequence attention over the packed chosen + rejected row, as in training
         use_packed_attention(m)
+    use_encoder_attention(model.thinker)  # the encoders' attention as in training, too
     try:
         batch = {**batch, "codes": torch.cat([chosen, rejected]),
                  "code_lengths": torch.tensor([[len(chosen), len(rejected)]])}
@@ -423,7 +425,7 @@ def _reference_logps(objective, model, batch: dict, chosen: torch.Tensor, reject
         per_seq = torch.zeros(2, dtype=logp.dtype).index_add(0, index[targets[0] != IGNORE], logp)
         return [float(per_seq[0]), float(per_seq[1])]
     finally:
-        for m, name in zip(models, before):
+        for m, name in zip(everything, before):
             m.config._attn_implementation_internal = name
 
 

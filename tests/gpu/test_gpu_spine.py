@@ -1,7 +1,8 @@
 """GPU checks of the spine: the code users run on GPUs must have run on one. Skipped without CUDA.
 
 bf16 ZeRO-3 training over NCCL on one GPU, with flash-attention 2 when it is installed; the packed attention core's
-varlen kernel against the per-sample loop it replaced.
+varlen kernel against the per-sample loop it replaced; the encoders' varlen attention against transformers' per-chunk
+sdpa loop.
 """
 
 from __future__ import annotations
@@ -58,6 +59,67 @@ def test_the_varlen_core_equals_the_per_sample_loop_in_bf16():
     torch.testing.assert_close(ours.float(), want.float(), rtol=2e-2, atol=2e-2)
     for got, expected in zip(our_grads, want_grads):
         torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+
+
+def test_the_encoder_varlen_attention_equals_transformers_per_chunk_sdpa_in_bf16():
+    """The encoders' boundaries at the 7B's head shapes, bidirectional: the audio tower's 100-position chunks of 20
+    clips of 1 to 30 s (20 heads of 64), the vision encoder's 8 x 8-patch windows (smaller at the bottom and right
+    edges) and whole frames (16 heads of 80) of a 420 x 756 video of 8 temporal patches. One varlen kernel call
+    (encoder_attention) against transformers' own `sdpa` function called chunk by chunk, as its encoders' loop calls
+    it: outputs and gradients agree to bf16 precision."""
+    from transformers import AttentionInterface
+
+    from omni_train.data.batch import sample_bounds
+    from omni_train.model.kernels.attention import _flash_takes, encoder_attention
+
+    class Layer(torch.nn.Module):
+        is_causal, num_key_value_groups = False, 1
+
+    seconds = [1 + (7 * i) % 30 for i in range(20)]
+    chunks = [n for s in seconds for n in [100] * (s // 2) + ([50] if s % 2 else [])]
+    h, w = 30, 54  # patches per frame
+    windows = [min(8, h - i) * min(8, w - j) for _ in range(8) for i in range(0, h, 8) for j in range(0, w, 8)]
+    frames = [h * w] * 8
+    sdpa = AttentionInterface._global_mapping["sdpa"]
+    torch.manual_seed(0)
+    for lengths, heads, dim in ((chunks, 20, 64), (windows, 16, 80), (frames, 16, 80)):
+        cu_seq_lens, max_length = sample_bounds(lengths)
+        q, k, v = (torch.randn(1, sum(lengths), heads, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+                   .requires_grad_() for _ in range(3))
+        assert _flash_takes(q, 0.0)
+        boundaries = {"cu_seq_lens_q": cu_seq_lens.cuda(), "cu_seq_lens_k": cu_seq_lens.cuda(),
+                      "max_length_q": max_length, "max_length_k": max_length}
+        ours, _ = encoder_attention(Layer(), q, k, v, None, scaling=dim ** -0.5, is_causal=False, **boundaries)
+        theirs = torch.cat([sdpa(Layer(), *chunk, None, scaling=dim ** -0.5, is_causal=False)[0]
+                            for chunk in zip(*(x.split(lengths, dim=2) for x in (q, k, v)))], dim=1)
+        results = [(out, torch.autograd.grad(out.float().pow(2).sum(), (q, k, v))) for out in (ours, theirs)]
+        (ours, our_grads), (want, want_grads) = results
+        assert ours.shape == (1, sum(lengths), heads, dim)
+        torch.testing.assert_close(ours.float(), want.float(), rtol=2e-2, atol=2e-2)
+        for got, expected in zip(our_grads, want_grads):
+            torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2,
+                                       atol=2e-2 * float(expected.abs().max()))
+
+
+def test_the_tiny_encoders_with_the_encoder_attention_agree_with_transformers_sdpa_in_bf16():
+    """The tiny preset's real audio tower and vision encoder in bf16 on CUDA (the clips and grids of
+    tests/test_attention_core.py): the encoder attention (one varlen call per layer) and transformers' `sdpa` loop give
+    the same outputs and parameter gradients to bf16 precision."""
+    from omni_train.model.build import build_thinker
+    from omni_train.model.kernels.attention import ENCODER, use_encoder_attention
+    from tests.helpers.models import tiny_model_config
+    from tests.test_attention_core import _encode, _media
+
+    torch.manual_seed(0)
+    thinker = build_thinker(tiny_model_config(), None).to("cuda", torch.bfloat16)
+    use_encoder_attention(thinker)
+    for encoder, run in _media(thinker, "cuda").values():
+        (ours, our_grads), (want, want_grads) = (_encode(encoder, run, name) for name in (ENCODER, "sdpa"))
+        torch.testing.assert_close(ours.float(), want.float(), rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+        assert our_grads.keys() == want_grads.keys()
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(our_grads[name].float(), grad.float(), rtol=5e-2,
+                                       atol=5e-2 * float(grad.abs().max()), msg=name)
 
 
 def test_packed_core_and_flash_attention_varlen_agree_on_a_packed_row():

@@ -44,7 +44,7 @@ class TalkerRecipe:
     def build(self, cfg: Config, world: int, sp=None) -> Trainee:
         from omni_train.model.build import build_talker, build_thinker, build_token2wav, load_speakers, omni_config
         from omni_train.model.kernels import activations
-        from omni_train.model.kernels.attention import use_packed_attention
+        from omni_train.model.kernels.attention import use_encoder_attention, use_packed_attention
         from omni_train.model.talker import TalkerLM
         from omni_train.train.engine import choose_trainable, deepspeed_config, initialize, training_dtype
         from omni_train.train.export import ADAPTER_DIR, export_adapter, export_omni, omni_layout
@@ -66,6 +66,7 @@ class TalkerRecipe:
             reference, _ = build_talker(cfg.model, ds_config, dtype)
         activations.checkpointing(talker, cfg.trainer)  # the Thinker runs without gradient: nothing to keep
         if cfg.model.attn_implementation == Attention.sdpa:
+            use_encoder_attention(thinker)
             for model in (thinker.model.language_model, talker.model, *([reference.model] if reference else [])):
                 use_packed_attention(model)
         voices = load_speakers(cfg.model, cfg.talker.speaker)

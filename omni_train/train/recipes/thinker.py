@@ -32,7 +32,7 @@ class ThinkerRecipe:
         from omni_train.model.build import build_thinker
         from omni_train.model.keymap import hub_name
         from omni_train.model.kernels import activations
-        from omni_train.model.kernels.attention import use_packed_attention
+        from omni_train.model.kernels.attention import use_encoder_attention, use_packed_attention
         from omni_train.model.thinker import ThinkerLM
         from omni_train.train.engine import choose_trainable, deepspeed_config, initialize, training_dtype
         from omni_train.train.export import ADAPTER_DIR, export_adapter, export_pretrained
@@ -40,9 +40,12 @@ class ThinkerRecipe:
         ds_config = deepspeed_config(cfg, world)
         thinker = build_thinker(cfg.model, ds_config, training_dtype(cfg))
         activations.apply(thinker, cfg.trainer)
+        sdpa = cfg.model.attn_implementation == Attention.sdpa
+        if sdpa:
+            use_encoder_attention(thinker)
         if sp is not None:
             sp.attach(thinker.model.language_model, cfg.trainer.micro_batch_size, str(cfg.model.attn_implementation))
-        elif cfg.model.attn_implementation == Attention.sdpa:
+        elif sdpa:
             use_packed_attention(thinker.model.language_model)
         module = ThinkerLM(thinker, sp, cfg.trainer.logits_chunk)
         lora = choose_trainable(module, cfg, self.lora_targets)
