@@ -63,7 +63,9 @@ def _meta_module(cfg: Config):
         if lora.enabled:
             from omni_train.model.lora import attach
 
-            attach(module, list(lora.targets) or (["talker"] if talker_stage else ["llm"]), lora.r, lora.alpha,
+            from omni_train.train.recipes import recipe
+
+            attach(module, list(lora.targets) or recipe(cfg.stage.objective).lora_targets, lora.r, lora.alpha,
                    lora.dropout, cfg.trainer.seed)
     return module
 
