@@ -15,10 +15,10 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from omni_train.data.batch import sample_bounds
 from omni_train.model.kernels.attention import varlen_kwargs
 from omni_train.model.lora import adapters_off
 from omni_train.model.talker import STATS, dpo_sigmoid_loss, step_text
-from omni_train.data.batch import sample_bounds
 from omni_train.tokens import IGNORE
 
 
