@@ -91,6 +91,29 @@ def tiny_full_export(tmp_path_factory) -> Path:
                        tmp_path_factory.mktemp("tiny_full") / "export", load_tokenizer())
 
 
+@pytest.fixture(scope="session")
+def eos_prone_export(tiny_full_export, tmp_path_factory) -> Path:
+    """The tiny full model with a Talker that often stops early: its codec head scaled by 0.1 except the eos and pad
+    rows (scaled by 3), so an untrained model's samples differ in length, which the pause/duration check ranks (the
+    untrained Token2Wav's waveform has no pauses: equal lengths score alike and carry no preference)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("eos_prone") / "export"
+    shutil.copytree(tiny_full_export, out)
+    state = load_file(tiny_full_export / "model.safetensors")
+    talker = json.loads((tiny_full_export / "config.json").read_text())["talker_config"]
+    ends = [talker["tts_codec_end_token_id"], talker["tts_codec_pad_token_id"]]
+    head = state["talker.codec_head.weight"]
+    scaled = head * 0.1
+    scaled[ends] = head[ends] * 3.0
+    state["talker.codec_head.weight"] = scaled.contiguous()
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 def data_args(shards: Path, workers: int = 0) -> list[str]:
     """Overrides that train on one shard directory, decoding in the training process unless told otherwise."""
     return [f"data.sources=[{{name:data,path:{shards}}}]", "data.max_len=256", "data.chunk_samples=32",

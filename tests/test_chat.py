@@ -53,7 +53,7 @@ def test_transformers_processor_prepares_from_an_export_the_ids_training_sees_an
     from data_prep.chatml import media_parts, render
     from data_prep.media import load_audio
     from omni_train.data.features import log_mel
-    from omni_train.model.talker import response_span
+    from omni_train.data.batch import response_span
     from omni_train.tokenizer import load_tokenizer
     from omni_train.tools.answers import load_thinker
     from omni_train.tools.conversation import prepare_sample

@@ -130,7 +130,7 @@ def test_answers_are_what_the_trained_forward_predicts_and_score_zero_against_th
     their place."""
     from omni_train.model.build import build_thinker
     from omni_train.model.media import MediaEmbedder
-    from omni_train.model.talker import response_span
+    from omni_train.data.batch import response_span
     from omni_train.tokenizer import load_tokenizer
     from omni_train.tools.answers import answers_task, load_thinker
     from omni_train.tools.conversation import prepare_sample, sample_inputs

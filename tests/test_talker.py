@@ -5,6 +5,9 @@ left-padded batch of two prompts, one with a speech clip (so the attention mask 
 design's path: codec pad/bos embeddings, TMRoPE positions). We record the codec logits its loop computes at every
 step and the codes it fed back; our teacher-forced forward on the same conversation, response and codes must give
 the same logits at every step.
+
+The forward on the collator's host-side places (`Spoken`) against the former one, which found them on the device
+(tests/helpers/talker_reference.py): the same losses, gradients and stats bit for bit, and no read-back left.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ from data_prep.chatml import encode
 from data_prep.layout import Media
 from omni_train.model.kernels.attention import use_packed_attention
 from omni_train.config.schema import ModelConfig
-from omni_train.data.batch import sample_bounds
+from omni_train.data.batch import ModelSample, Speech, Spoken, response_span, sample_bounds
 from omni_train.data.features import log_mel
 from omni_train.model.build import omni_config
-from omni_train.model.talker import TalkerLM, dpo_sigmoid_loss, response_span
+from omni_train.model.talker import TalkerLM, dpo_sigmoid_loss
 from omni_train.tokenizer import load_tokenizer
 from omni_train.tokens import IGNORE
 from tests.conftest import REPO
@@ -118,7 +121,7 @@ def _batch(prompt_ids, prompt_pos, features, pixels, reply, codes):
              "position_ids": torch.cat([torch.arange(n)[None], pos])[:, None], "cu_seq_lens": cu_seq_lens,
              "max_length": max_length,
              "conditions": torch.zeros(1, n, dtype=torch.uint8), "codes": codes,
-             "code_lengths": torch.tensor([[len(codes), 0]]), "speaker_bos": torch.tensor([SPEAKER_BOS])}
+             "spoken": [Spoken(0, 0, p, len(reply), len(codes), 0)], "speaker_bos": [SPEAKER_BOS]}
     if features is not None:
         batch.update(audio_features=features, audio_lengths=torch.tensor([features.shape[1]]), pixel_values=pixels,
                      grid_thw=torch.tensor([GRID]))
@@ -139,16 +142,16 @@ def test_training_logits_equal_transformers_generation_step_by_step():
         # transformers speaks the text up to the Thinker's last generated token, exclusive (see omni_train.model.talker)
         batch = _batch(prompt_ids, prompt_pos, features, pixels, text[:-1], codes)
         with torch.no_grad():
-            text_track, codec, positions, varlen, targets, _ = objective.sequences(batch)
-            got = objective.codec_logits(model.talker, text_track, codec, positions, varlen, targets != IGNORE)
+            row = objective.sequences(batch)
+            got = objective.codec_logits(model.talker, row)
         assert got.shape == (len(codes) + 1, 8448) and want.shape == got.shape
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
         compared += len(codes) + 1
         if features is not None:  # control: plain positions (what an unpadded batch gets at inference) differ
-            plain = positions.clone()
-            plain[1:] = torch.arange(positions.shape[-1])
+            plain = row.positions.clone()
+            plain[1:] = torch.arange(plain.shape[-1])
             with torch.no_grad():
-                off = objective.codec_logits(model.talker, text_track, codec, plain, varlen, targets != IGNORE)
+                off = objective.codec_logits(model.talker, row._replace(positions=plain))
             assert (off - want).abs().max() > 1e-5
     assert compared >= 8
 
@@ -158,6 +161,26 @@ def test_response_span_finds_the_last_assistant_turn():
     assert response_span(labels) == (5, 3)
     with pytest.raises(ValueError, match="no labelled token"):
         response_span(torch.full((4,), IGNORE))
+
+
+def _spoken_sample(prompt: int, reply: int, chosen: int, ref_logps) -> ModelSample:
+    n = prompt + reply + 2  # the reply, <|im_end|> and a newline after the prompt
+    labels = torch.full((n,), IGNORE)
+    labels[prompt:prompt + reply + 1] = 7
+    return ModelSample("s", torch.arange(n), labels, torch.arange(n).expand(3, -1), [], [], [], [],
+                       Speech(torch.arange(chosen), torch.arange(3), None, ref_logps))
+
+
+def test_the_collator_places_each_spoken_reply_and_keeps_reference_log_probs_only_when_every_sample_has_them():
+    from omni_train.data.batch import collate_packed
+
+    rows = [[_spoken_sample(5, 3, 4, (-1.0, -2.0)), _spoken_sample(2, 6, 1, (-3.0, -4.0))],
+            [_spoken_sample(9, 1, 2, (-5.0, -6.0))]]
+    batch = collate_packed(rows, 24, 0)
+    assert batch["spoken"] == [Spoken(0, 0, 5, 3, 4, 3), Spoken(0, 10, 2, 6, 1, 3), Spoken(1, 0, 9, 1, 2, 3)]
+    assert batch["ref_logps"].tolist() == [[-1.0, -2.0], [-3.0, -4.0], [-5.0, -6.0]]
+    rows[1][0].speech.ref_logps = None
+    assert "ref_logps" not in collate_packed(rows, 24, 0)  # so talker.reference=precomputed refuses the batch
 
 
 def test_dpo_loss_is_ln2_and_rewards_zero_when_policy_equals_reference():
@@ -243,41 +266,90 @@ def test_sampled_codes_logits_equal_the_teacher_forced_forward():
     for k, codes in enumerate(sampled):
         if len(codes) == 0:
             continue
-        batch.update(codes=codes, code_lengths=torch.tensor([[len(codes), 0]]))
+        batch.update(codes=codes, spoken=[batch["spoken"][0]._replace(chosen=len(codes))])
         with torch.no_grad():
-            text, codec, positions, varlen, targets, _ = objective.sequences(batch)
-            got = objective.codec_logits(model.talker, text, codec, positions, varlen, targets != IGNORE)
+            got = objective.codec_logits(model.talker, objective.sequences(batch))
         steps = min(len(codes) + 1, raw.shape[1])
         torch.testing.assert_close(got[:steps], raw[k, :steps], rtol=1e-5, atol=2e-6)
         checked += steps
     assert checked >= 6
 
 
-def test_tiled_codec_head_gives_the_plain_dpo_loss_and_gradients(sample_corpus, tmp_path):
-    """trainer.logits_chunk tiles the Talker's codec head too: same loss and gradients, with the reference."""
+@pytest.fixture(scope="module")
+def triplet_batch(sample_corpus, tmp_path_factory) -> dict:
+    """The sample corpus's first four speech triplets (omni-prep's shards), collated as the loader collates them:
+    two packed rows of two samples."""
     import webdataset as wds
 
     from data_prep.build import build
     from data_prep.config import from_overrides
     from omni_train.data.batch import collate_packed, decode_sample
 
-    build(str(sample_corpus.parent / "triplets.jsonl"), str(tmp_path), from_overrides(["workers=1"]), progress=False)
-    urls = [str(p) for p in sorted(tmp_path.glob("shard-*.tar"))]
+    out = tmp_path_factory.mktemp("triplets")
+    build(str(sample_corpus.parent / "triplets.jsonl"), str(out), from_overrides(["workers=1"]), progress=False)
+    urls = [str(p) for p in sorted(out.glob("shard-*.tar"))]
     samples = [decode_sample(s) for _, s in zip(range(4), wds.WebDataset(urls, shardshuffle=False).decode())]
-    batch = collate_packed([samples[:2], samples[2:]], 256, 151643)
+    return collate_packed([samples[:2], samples[2:]], 256, 151643)
+
+
+def _objective(objective: str, chunk: int = 0, reference: str = "model") -> TalkerLM:
+    """The Talker objective on a fresh copy of the tiny model, packed attention as training sets it; for DPO a
+    reference copy whose codec head differs from the policy's (so the rewards are not all zero), or none."""
+    model = copy.deepcopy(_full_model())
+    use_packed_attention(model.thinker.model.language_model)
+    use_packed_attention(model.talker.model)
+    copied = None
+    if objective == "talker_dpo" and reference == "model":
+        copied = copy.deepcopy(model.talker)
+        with torch.no_grad():
+            copied.codec_head.weight.mul_(1.1)
+    return TalkerLM(model.thinker, model.talker, objective, {"Chelsie": SPEAKER_BOS}, "Chelsie", copied, beta=0.1,
+                    sft_weight=0.3, logits_chunk=chunk)
+
+
+def _loss_stats_grads(objective: TalkerLM, forward, batch: dict):
+    objective.talker.zero_grad(set_to_none=True)
+    loss, stats = forward(batch)
+    loss.backward()
+    return loss.detach(), stats, {n: p.grad.clone() for n, p in objective.talker.named_parameters()}
+
+
+@pytest.mark.parametrize("objective, chunk, reference", [("talker_sft", 0, None), ("talker_sft", 16, None),
+                                                         ("talker_dpo", 0, "model"), ("talker_dpo", 16, "model"),
+                                                         ("talker_dpo", 0, "precomputed")])
+def test_the_talker_forward_gives_its_former_losses_gradients_and_stats_bit_for_bit(triplet_batch, objective,
+                                                                                    chunk, reference):
+    """The samples' places from the collator and the stats built on the device change no number: loss, every
+    gradient of the Talker and the stats vector equal the former forward's (tests/helpers/talker_reference.py,
+    which found the samples in the positions and read every stat back) exactly, on the same modules."""
+    from tests.helpers.talker_reference import reference_forward
+
+    batch = dict(triplet_batch)
+    if reference == "precomputed":  # recorded log-probs that differ from the policy's, as after some training
+        batch["ref_logps"] = -torch.rand(len(batch["spoken"]), 2, generator=torch.Generator().manual_seed(0),
+                                         dtype=torch.float64) * 50 - 100
+    module = _objective(objective, chunk, reference)
+    new = _loss_stats_grads(module, lambda b: module(**b), batch)
+    old = _loss_stats_grads(module, lambda b: reference_forward(module, b), batch)
+    assert new[1].dtype == torch.float64 and new[1].shape == old[1].shape
+    assert torch.equal(new[0], old[0]) and torch.equal(new[1], old[1]), (new[:2], old[:2])
+    assert new[1].abs().sum() > 0 and (objective == "talker_sft" or new[1][6] != 0)  # a margin, not all zero
+    for name, want in old[2].items():
+        assert torch.equal(new[2][name], want), name
+
+
+def test_a_precomputed_reference_is_refused_for_a_batch_without_recorded_log_probs(triplet_batch):
+    assert "ref_logps" not in triplet_batch  # the sample corpus's triplets record none
+    with pytest.raises(ValueError, match="talker.reference=precomputed, but a sample of this batch has no reference"):
+        _objective("talker_dpo", reference="precomputed")(**triplet_batch)
+
+
+def test_tiled_codec_head_gives_the_plain_dpo_loss_and_gradients(triplet_batch):
+    """trainer.logits_chunk tiles the Talker's codec head too: same loss and gradients, with the reference."""
     results = []
     for chunk in (0, 16):
-        model = copy.deepcopy(_full_model())
-        use_packed_attention(model.thinker.model.language_model)
-        use_packed_attention(model.talker.model)
-        reference = copy.deepcopy(model.talker)
-        with torch.no_grad():  # a reference that differs from the policy, so the rewards are not all zero
-            reference.codec_head.weight.mul_(1.1)
-        objective = TalkerLM(model.thinker, model.talker, "talker_dpo", {"Chelsie": SPEAKER_BOS}, "Chelsie",
-                             reference, beta=0.1, sft_weight=0.3, logits_chunk=chunk)
-        loss, stats = objective(**batch)
-        loss.backward()
-        results.append((loss.detach(), stats, {n: p.grad.clone() for n, p in model.talker.named_parameters()}))
+        objective = _objective("talker_dpo", chunk)
+        results.append(_loss_stats_grads(objective, lambda b: objective(**b), triplet_batch))
     (plain, plain_stats, plain_grads), (tiled, tiled_stats, tiled_grads) = results
     torch.testing.assert_close(tiled, plain, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(tiled_stats, plain_stats, rtol=1e-5, atol=1e-5)
@@ -285,3 +357,56 @@ def test_tiled_codec_head_gives_the_plain_dpo_loss_and_gradients(sample_corpus, 
     for name, want in plain_grads.items():
         torch.testing.assert_close(tiled_grads[name], want, rtol=0, atol=1e-5 * float(want.abs().max()) + 1e-9,
                                    msg=name)
+
+
+# Torch calls that make the host wait for the device when their tensors are there: a value read back, a selection
+# whose size is a count on the device, a tensor made from host values there (a copy from pageable memory).
+READ_BACKS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy",
+              "new_tensor"}
+
+
+class _HostWaits(torch.overrides.TorchFunctionMode):
+    """Records the torch calls in READ_BACKS (and mask selections, host data sent to a device) made by the lines of
+    the source file `path` (torch's own frames in between are skipped)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path, self.found = path, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        import os
+        import sys
+
+        kwargs = kwargs or {}
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.startswith(os.path.dirname(torch.__file__)):
+            frame = frame.f_back
+        if frame is not None and frame.f_code.co_filename == self.path:
+            name = getattr(func, "__name__", str(func))
+            indices = args[1] if name in ("__getitem__", "__setitem__") and len(args) > 1 else ()
+            masks = [i for i in (indices if isinstance(indices, tuple) else (indices,))
+                     if isinstance(i, torch.Tensor) and i.dtype == torch.bool]
+            to_device = (name in ("tensor", "as_tensor") and "device" in kwargs) or (
+                name == "to" and any(isinstance(a, (torch.device, str)) for a in (*args[1:], *kwargs.values())))
+            if name in READ_BACKS or masks or to_device:
+                self.found.append(f"{name} (line {frame.f_lineno})")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("objective", ["talker_sft", "talker_dpo"])
+def test_the_talker_forward_reads_nothing_back_from_the_device(triplet_batch, objective):
+    """Nothing in the Talker objective's own code waits for the device (on the CPU here, where the calls can be
+    watched): no value read back, no selection by a mask, no host data copied to the device but through the batch's
+    pinned path. The control: the same watch over the former forward finds its reads."""
+    from omni_train.model import talker
+    from tests.helpers import talker_reference
+
+    module = _objective(objective)
+    with _HostWaits(talker.__file__) as ours:
+        loss, _ = module(**triplet_batch)
+        loss.backward()
+    assert ours.found == []
+    with _HostWaits(talker_reference.__file__) as former:
+        talker_reference.reference_forward(module, triplet_batch)
+    names = {f.split(" ")[0] for f in former.found}
+    assert {"item", "tolist", "nonzero", "__getitem__", "tensor"} <= names, former.found

@@ -13,6 +13,8 @@ micro-batch, so the packed attention core (omni_train.model.kernels.attention) n
 device to find where samples end; attention never crosses samples. Media tensors are concatenated in order of
 appearance across the whole batch, matching the order of their placeholder tokens. `conditions` marks, per token,
 which media its sample holds (bits AUDIO_BIT, IMAGE_BIT, VIDEO_BIT; 0 for text-only), for per-modality metrics.
+A batch of samples with speech also carries, per sample, what the Talker objective lays out from it (`Spoken`: its
+place, its prompt and reply lengths, its codes' lengths), found here on the host for the same reason.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import io
 import itertools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -131,24 +134,64 @@ def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
+def response_span(labels: torch.Tensor) -> tuple[int, int]:
+    """(P, m) of one sample: the spoken response is the last labelled span (the last assistant turn: m text tokens
+    then <|im_end|>), starting after P prompt tokens."""
+    labelled = (labels != IGNORE).nonzero().flatten()
+    if labelled.numel() == 0:
+        raise ValueError("a Talker sample needs an assistant turn to speak; this one has no labelled token")
+    end = int(labelled[-1]) + 1
+    start = end - 1
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    if end - start < 2:
+        raise ValueError("the spoken response is empty (only <|im_end|>)")
+    return start, end - start - 1
+
+
+class Spoken(NamedTuple):
+    """What the Talker objective (omni_train.model.talker) lays out from one sample of a packed batch: the sample's
+    row and first position, the P prompt tokens before its spoken reply and the reply's m text tokens
+    (`response_span`), and the lengths of its codec sequences (`rejected` 0 without one)."""
+
+    row: int
+    start: int
+    prompt: int
+    reply: int
+    chosen: int
+    rejected: int
+
+
+def spoken(sample: ModelSample, row: int, start: int) -> Spoken:
+    """The Spoken entry of `sample` placed at `start` in row `row` (no codes when it has no speech: a prompt to
+    sample them for)."""
+    prompt, reply = response_span(sample.labels)
+    speech = sample.speech
+    return Spoken(row, start, prompt, reply, len(speech.chosen) if speech else 0,
+                  len(speech.rejected) if speech and speech.rejected is not None else 0)
+
+
 def sample_bounds(lengths: list[int]) -> tuple[torch.Tensor, int]:
     """(cu_seq_lens, max_length) of samples of these lengths laid end to end: int32 cumulative lengths from 0 (the
     layout of flash-attention's varlen kernels and transformers' `cu_seq_lens_q`) and the longest."""
     return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32), max(lengths)
 
 
-def collate_packed(rows: list[list[ModelSample]], length: int, pad_id: int) -> dict[str, torch.Tensor | int]:
+def collate_packed(rows: list[list[ModelSample]], length: int, pad_id: int) -> dict:
     """Rows of samples -> a (B, length) packed batch with (4, B, length) positions, the sample boundaries of its rows
-    laid end to end (`cu_seq_lens`, `max_length`) and concatenated media."""
+    laid end to end (`cu_seq_lens`, `max_length`) and concatenated media; with speech, the codes (every chosen
+    sequence, then every rejected one), per sample its `Spoken` entry and speaker, and the reference log-probs
+    (n, 2) when every sample has them."""
     b = len(rows)
     input_ids = torch.full((b, length), pad_id, dtype=torch.long)
     labels = torch.full((b, length), IGNORE, dtype=torch.long)
     positions = torch.zeros((4, b, length), dtype=torch.long)
     conditions = torch.zeros((b, length), dtype=torch.uint8)
-    audio, vision, grids, lengths = [], [], [], []
+    audio, vision, grids, lengths, places = [], [], [], [], []
     for r, row in enumerate(rows):
         start = 0
         for s in row:
+            places.append((s, r, start))
             end = start + len(s)
             if end > length:
                 raise ValueError(f"row {r} holds {end} tokens > {length}")
@@ -172,21 +215,30 @@ def collate_packed(rows: list[list[ModelSample]], length: int, pad_id: int) -> d
     if vision:
         batch["pixel_values"] = torch.cat(vision, dim=0)
         batch["grid_thw"] = torch.tensor(grids, dtype=torch.long)
-    spoken = [s.speech for row in rows for s in row if s.speech is not None]
-    if spoken:
-        if len(spoken) != sum(len(row) for row in rows):
+    speech = [s.speech for row in rows for s in row if s.speech is not None]
+    if speech:
+        if len(speech) != sum(len(row) for row in rows):
             raise ValueError("a batch mixes samples with and without speech")
         no_rejected = torch.zeros(0, dtype=torch.long)
-        batch["codes"] = torch.cat([s.chosen for s in spoken] + [
-            s.rejected if s.rejected is not None else no_rejected for s in spoken])
-        batch["code_lengths"] = torch.tensor([[len(s.chosen), 0 if s.rejected is None else len(s.rejected)]
-                                             for s in spoken], dtype=torch.long)
-        batch["speakers"] = [s.speaker for s in spoken]
-        batch["ref_logps"] = torch.tensor([s.ref_logps or (float("nan"),) * 2 for s in spoken], dtype=torch.float64)
+        batch["codes"] = torch.cat([s.chosen for s in speech] + [
+            s.rejected if s.rejected is not None else no_rejected for s in speech])
+        batch["spoken"] = [spoken(*place) for place in places]
+        batch["speakers"] = [s.speaker for s in speech]
+        if all(s.ref_logps for s in speech):  # else the objective refuses talker.reference=precomputed
+            batch["ref_logps"] = torch.tensor([s.ref_logps for s in speech], dtype=torch.float64)
     return batch
 
 
 def to_device(batch: dict, device) -> dict:
-    """The batch's tensors on the engine's device (the loader collates on the CPU, in its workers); lists (speakers)
-    stay as they are."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch's tensors on the engine's device (the loader collates on the CPU, in its workers); what is not a
+    tensor (the Spoken entries, speakers, max_length) stays on the host as it is."""
+    return {k: host_to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def host_to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without the host waiting for the device: to a GPU it is copied from pinned memory,
+    asynchronously (a copy from pageable memory would first wait for every kernel queued before it); elsewhere it
+    is `tensor.to(device)`."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -28,8 +28,9 @@ class ThinkerLM(nn.Module):
     every rank of a group embeds the whole row, then keeps its slice of embeddings, 3-D positions and shifted
     targets; the language model and the loss run on the slice.
 
-    forward returns (loss sum, stats): stats is a detached (2, 4) tensor, label-token loss sums and counts of this
-    rank's slice per condition in CONDITIONS order (text-only samples, then samples with audio, images, video).
+    forward returns (loss sum, stats): stats is a detached (2, 4) float64 tensor on the loss's device, label-token
+    loss sums and counts of this rank's slice per condition in CONDITIONS order (text-only samples, then samples
+    with audio, images, video).
     """
 
     def __init__(self, thinker: nn.Module, sp=None, logits_chunk: int = 0):
@@ -75,13 +76,16 @@ class ThinkerLM(nn.Module):
 
 
 def condition_stats(token_loss: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
-    """(2, len(CONDITIONS)) float64: loss sum and token count of the labelled tokens of each condition. A sample
-    with several media counts toward each of them; "text" is samples with none."""
-    stats = torch.zeros(2, len(CONDITIONS), dtype=torch.float64)
-    for i, bit in enumerate(CONDITIONS.values()):
+    """(2, len(CONDITIONS)) float64, on token_loss's device: loss sum and token count of the labelled tokens of each
+    condition. A sample with several media counts toward each of them; "text" is samples with none."""
+    sums, counts = [], []
+    for bit in CONDITIONS.values():
         mask = conditions == 0 if bit == 0 else (conditions & bit) != 0
-        stats[0, i], stats[1, i] = token_loss[mask].double().sum(), mask.sum()
-    return stats
+        # Selected, not masked to zero: a sum over the whole vector would round differently. On a GPU the
+        # selection reads the mask's count back, as the selection of labelled positions in forward does.
+        sums.append(token_loss[mask].double().sum())
+        counts.append(mask.sum().double())
+    return torch.stack([torch.stack(sums), torch.stack(counts)])
 
 
 def label_tokens(labels: torch.Tensor) -> int:

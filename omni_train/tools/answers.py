@@ -34,7 +34,7 @@ def load_thinker(model_dir: str):
 
 def answers_task(model_dir: str, manifest: str, max_new_tokens: int = 64, limit: int = 0) -> dict:
     from data_prep.chatml import SampleError
-    from omni_train.model.talker import response_span
+    from omni_train.data.batch import response_span
     from omni_train.tokenizer import load_tokenizer
     from omni_train.tools.conversation import prepare_sample
     from omni_train.tools.scorers import normal_words, word_edits
@@ -69,7 +69,7 @@ def answer(thinker, tokenizer, prepared, max_new_tokens: int):
     """The Thinker's greedy answer in place of the last assistant turn of a prepared conversation
     (omni_train/tools/conversation.py): its text and its tokens (the stop token included). Raises ValueError when
     the conversation has no assistant turn."""
-    from omni_train.model.talker import response_span
+    from omni_train.data.batch import response_span
     from omni_train.tools.conversation import greedy_answer, sample_inputs
 
     start, _ = response_span(prepared.sample.labels)

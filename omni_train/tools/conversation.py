@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from data_prep.chatml import media_parts
-from omni_train.data.batch import ModelSample, decode_sample
+from omni_train.data.batch import ModelSample, decode_sample, to_device
 
 
 class PreparedSample(NamedTuple):
@@ -88,12 +88,13 @@ def absolute_media(messages: list[dict], base: Path) -> list[dict]:
 
 
 def greedy_answer(thinker, tokenizer, inputs: dict, max_new_tokens: int) -> tuple[str, torch.Tensor]:
-    """transformers' greedy `generate` of the Thinker after `inputs` (`thinker_inputs`), up to <|im_end|> or
-    `max_new_tokens`: the answer's text (special tokens left out) and its token ids (the stop token included)."""
+    """transformers' greedy `generate` of the Thinker after `inputs` (`thinker_inputs`, on the host; run on the
+    Thinker's device), up to <|im_end|> or `max_new_tokens`: the answer's text (special tokens left out) and its token
+    ids on the host (the stop token included)."""
     from omni_train.tokens import IM_END, PAD
 
     with torch.no_grad():
-        out = thinker.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=[IM_END, PAD],
-                               pad_token_id=PAD)
-    new = out[0, inputs["input_ids"].shape[1]:]
+        out = thinker.generate(**to_device(inputs, thinker.device), max_new_tokens=max_new_tokens, do_sample=False,
+                               eos_token_id=[IM_END, PAD], pad_token_id=PAD)
+    new = out[0, inputs["input_ids"].shape[1]:].cpu()
     return tokenizer.decode(new, skip_special_tokens=True), new

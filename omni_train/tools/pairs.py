@@ -2,6 +2,7 @@
 or split over the ranks of a torchrun or SLURM job.
 
     omni-train pairs MODEL_DIR PROMPTS.jsonl OUT.jsonl [--samples 4] [--max-codes 600] [--speaker NAME]
+                     [--device auto|cpu|cuda] [--precision auto|bf16|fp32]
     torchrun --nproc_per_node N -m omni_train.train pairs MODEL_DIR PROMPTS.jsonl OUT.jsonl [...]
     omni-train pairs --merge OUT.jsonl
 
@@ -14,6 +15,18 @@ each into a 24 kHz waveform, and a scorer rates each (lower is better). The best
 rejected codes of a triplet, with their log-probs under the current model recorded as `ref_logps` (the DPO
 reference is the model the pairs were sampled from, so `talker.reference=precomputed` needs no reference copy).
 A prompt whose samples all score the same is set aside with that reason (they carry no preference).
+
+Device and precision: each rank runs the model on its own GPU when CUDA is available (`--device auto`, the default;
+cuda:LOCAL_RANK, torchrun's variable or srun's SLURM_LOCALID: omni_train/train/distributed.py's `local_gpu`), else
+on the CPU, in bf16 on a GPU and fp32 on the CPU (`--precision auto`): the precision a talker_dpo stage computes
+its policy's log-probs in on that device (`trainer.precision=auto`). The reference log-probs are computed and
+recorded in it because DPO subtracts them from the policy's: at its first step the policy is the model the pairs
+were sampled from, and the rewards start at 0 (the loss at ln 2) only as far as both sums of hundreds of codec
+log-probs are computed alike; an fp32 reference under a bf16 policy would leave the policy's whole bf16 rounding
+in every starting reward. Pair in the precision DPO will train in (`--precision fp32` for a GPU stage run with
+`trainer.precision=fp32`). Token2Wav runs in fp32, as transformers' generate runs it. What goes into the triplet
+comes back to the host once per prompt (the codes, the two log-probs; each waveform once, for its scorer); the
+sampler reads one flag per step back, whether every sequence has stopped.
 
 Scorers (`--scorer`), pluggable through `SCORERS`, built on omni_train/tools/scorers.py (shared with evaluation):
 - `wer` (default): word error rate of a transcript against the reply text, plus the pause/duration check below.
@@ -29,8 +42,9 @@ Parts, resume and merge (owned here): a process is rank R of N (torchrun's RANK/
 SLURM_PROCID/SLURM_NTASKS: omni_train/train/distributed.py's `place`; no process group, the parts are independent)
 and pairs the prompts whose index i (non-blank lines, from 0) has i % N == R. It appends one line per finished prompt
 (its triplet, or its set-aside reason) to `OUT.part-R-of-N`, flushed and synced, after a header line recording the
-settings (model fingerprint, prompts digest and count, sampling and scoring options, seed, N) and how many prompts
-the part holds. Prompt i is sampled under a seed of (seed, i) alone, so N ranks give the triplets one process gives.
+settings (model fingerprint, prompts digest and count, sampling and scoring options, seed, device kind and
+precision, N) and how many prompts the part holds. Prompt i is sampled under a seed of (seed, i) alone, so N ranks
+give the triplets one process gives on the same kind of device.
 Rerun, a rank skips the prompts its part holds (dropping a last line cut short by a kill); other settings are
 refused. The rank that finds every part complete when it finishes writes OUT atomically in prompt order and prints
 the report (prompts, triplets, each set-aside prompt with its reason); `--merge OUT` does the same alone, naming
@@ -56,7 +70,6 @@ from data_prep.build import CODEC_IDS
 from data_prep.chatml import SampleError
 from omni_train.errors import ConfigError
 from omni_train.files import atomic_writer, fingerprint, write_text_atomic
-from omni_train.tokens import IGNORE
 from omni_train.tools.conversation import absolute_media, prepare_sample
 from omni_train.tools.scorers import Score, intelligibility, make_asr, pause_check
 
@@ -81,8 +94,9 @@ SCORERS = {"wer": wer_scorer, "pauses": pause_scorer}
 def sample_codes(talker, prompt, pad_embed: torch.Tensor, k: int, max_codes: int, top_k: int, top_p: float,
                  temperature: float, ids) -> tuple[list[torch.Tensor], torch.Tensor]:
     """K codec sequences from `talker` after `prompt` (omni_train.model.talker.talker_prompt), each up to its first
-    eos/pad code (exclusive), sampled with a KV cache in the training layout; and the raw logits of every step
-    (K, steps, vocabulary), which equal the teacher-forced training forward's on the same codes (a test)."""
+    eos/pad code (exclusive), sampled with a KV cache in the training layout and brought back to the host together;
+    and the raw logits of every step (K, steps, vocabulary; on the talker's device), which equal the teacher-forced
+    training forward's on the same codes (a test)."""
     from transformers import DynamicCache
 
     text, codec, pos, tail, first = prompt
@@ -91,7 +105,7 @@ def sample_codes(talker, prompt, pad_embed: torch.Tensor, k: int, max_codes: int
     cache = DynamicCache()
     hidden = talker.model(inputs_embeds=talker.thinker_to_talker_proj(inputs)[None].expand(k, -1, -1),
                           position_ids=pos[:, None].expand(-1, k, -1), cache=cache, use_cache=True).last_hidden_state
-    codes, raw, done = [], [], torch.zeros(k, dtype=torch.bool)
+    codes, raw, done = [], [], torch.zeros(k, dtype=torch.bool, device=text.device)
     for step in range(max_codes):
         logits = talker.codec_head(hidden[:, -1]).float()
         raw.append(logits)
@@ -105,14 +119,14 @@ def sample_codes(talker, prompt, pad_embed: torch.Tensor, k: int, max_codes: int
         code = _top_k_top_p(logits, top_k, top_p)
         codes.append(code)
         done |= (code == ids.eos) | (code == ids.pad)
-        if done.all():
+        if done.all():  # the one value read back per step, as in transformers' generate
             break
         step_text = tail[step] if step < tail.shape[0] else pad_embed
         step_in = embed(code) + step_text
         position = (first + step).view(1, 1, 1).expand(3, k, 1)
         hidden = talker.model(inputs_embeds=talker.thinker_to_talker_proj(step_in)[:, None], position_ids=position,
                               cache=cache, use_cache=True).last_hidden_state
-    stacked = torch.stack(codes, dim=1)
+    stacked = torch.stack(codes, dim=1).cpu()
     out = []
     for row in stacked:
         stop = ((row == ids.eos) | (row == ids.pad)).nonzero()
@@ -121,25 +135,28 @@ def sample_codes(talker, prompt, pad_embed: torch.Tensor, k: int, max_codes: int
 
 
 def spoken_reply(objective, sample, speaker_bos: int, tokenizer):
-    """One conversation whose last assistant turn is to be spoken: its packed batch, the reply's text, and what the
-    Talker reads before its first code (and the tts_text_pad embedding), from the frozen Thinker."""
-    from omni_train.data.batch import collate_packed
-    from omni_train.model.talker import response_span
+    """One conversation whose last assistant turn is to be spoken: its packed batch (on the model's device), the
+    reply's text, and what the Talker reads before its first code (and the tts_text_pad embedding), from the frozen
+    Thinker."""
+    from omni_train.data.batch import collate_packed, spoken, to_device
 
     batch = collate_packed([[sample]], len(sample), tokenizer.pad_token_id)
-    batch["speaker_bos"] = torch.tensor([speaker_bos])
-    start, reply = response_span(batch["labels"][0])
-    text = tokenizer.decode(batch["input_ids"][0, start:start + reply])
+    place = spoken(sample, 0, 0)
+    text = tokenizer.decode(batch["input_ids"][0, place.prompt:place.prompt + place.reply])
+    batch = to_device({**batch, "spoken": [place], "speaker_bos": [speaker_bos]}, objective.talker.device)
     with torch.no_grad():
         (prompt,), pad_embed = objective.prompts(batch)
     return batch, text, prompt, pad_embed
 
 
 def render(model, codes: torch.Tensor, voice: dict) -> np.ndarray:
-    """Token2Wav's 24 kHz waveform of `codes` in the voice of a spk_dict entry."""
+    """Token2Wav's 24 kHz waveform of `codes` in the voice of a spk_dict entry, rendered on Token2Wav's device and
+    brought back to the host."""
+    device = model.token2wav.device
     with torch.no_grad():
-        return model.token2wav(codes[None], conditioning=voice["cond"].float(),
-                               reference_mel=voice["ref_mel"].float()).reshape(-1).float().numpy()
+        wave = model.token2wav(codes[None].to(device), conditioning=voice["cond"].to(device).float(),
+                               reference_mel=voice["ref_mel"].to(device).float())
+    return wave.reshape(-1).float().cpu().numpy()
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -157,14 +174,19 @@ def prompt_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:7], "little")
 
 
-def load_speaker(model_dir: str, speaker: str | None = None, objective: str = "talker_sft"):
-    """transformers' full model of an export, the Talker's `objective` on it (our training layout) and the speaker's
-    name (default: the first of its spk_dict.pt). An unknown speaker is a ConfigError naming the known ones."""
+def load_speaker(model_dir: str, speaker: str | None = None, objective: str = "talker_sft",
+                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+    """transformers' full model of an export on `device`, in `dtype` (default: the export's, as transformers reads
+    it) but for Token2Wav, in fp32 as transformers' generate runs it; the Talker's `objective` on it (our training
+    layout) and the speaker's name (default: the first of its spk_dict.pt). An unknown speaker is a ConfigError
+    naming the known ones."""
     from transformers import Qwen2_5OmniForConditionalGeneration
 
     from omni_train.model.talker import TalkerLM
 
-    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(model_dir).eval()
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(model_dir, **({"dtype": dtype} if dtype else {}))
+    model.token2wav.float()
+    model = model.to(device).eval()
     speakers = {name: int(v["bos_token"]) for name, v in model.speaker_map.items()}
     speaker = speaker or next(iter(speakers))
     if speaker not in speakers:
@@ -178,9 +200,14 @@ class Pairer:
     def __init__(self, args):
         from omni_train.config.schema import Objective
         from omni_train.tokenizer import load_tokenizer
+        from omni_train.train.distributed import local_gpu
 
         self.args = args
-        self.model, self.objective, self.speaker = load_speaker(args.model, args.speaker, Objective.talker_dpo)
+        device = local_gpu() if args.device == "cuda" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # what allocates on "cuda" without an index lands here, as in training
+        self.model, self.objective, self.speaker = load_speaker(args.model, args.speaker, Objective.talker_dpo, device,
+                                                                PRECISIONS[args.precision])
         self.tokenizer = load_tokenizer(args.model)
         self.score = SCORERS[args.scorer](args, self.model, self.tokenizer)
         self.voice = self.model.speaker_map[self.speaker]
@@ -220,8 +247,10 @@ class Pairer:
 
 # What a part's prompts were paired with (its header records them); a resume with other values would mix two
 # experiments in one file. Paths are recorded but not compared: a copy of the model or the prompts elsewhere is
-# the same (their fingerprint and digest say so).
-SETTINGS = ("samples", "max_codes", "speaker", "scorer", "asr", "max_pause", "top_k", "top_p", "temperature", "seed")
+# the same (their fingerprint and digest say so). Device and precision as resolved from `auto` (`_resolve`).
+SETTINGS = ("samples", "max_codes", "speaker", "scorer", "asr", "max_pause", "top_k", "top_p", "temperature", "seed",
+            "device", "precision")
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 COMPARED = ("model_fingerprint", "prompts_sha256", *SETTINGS)
 
 
@@ -408,7 +437,9 @@ def merge(out: Path, shown: str | None = None) -> dict:
 
 
 def _reference_logps(objective, model, batch: dict, chosen: torch.Tensor, rejected: torch.Tensor) -> list[float]:
-    """log p(chosen), log p(rejected) under the current Talker, exactly as talker_dpo's loss computes them."""
+    """log p(chosen), log p(rejected) under the current Talker, exactly as talker_dpo's loss computes them (in the
+    model's precision; `batch` from spoken_reply, the codes on the host)."""
+    from omni_train.data.batch import host_to_device
     from omni_train.model.kernels.attention import use_encoder_attention, use_packed_attention
 
     models = (model.talker.model, model.thinker.model.language_model)
@@ -418,15 +449,26 @@ def _reference_logps(objective, model, batch: dict, chosen: torch.Tensor, reject
         use_packed_attention(m)
     use_encoder_attention(model.thinker)  # the encoders' attention as in training, too
     try:
-        batch = {**batch, "codes": torch.cat([chosen, rejected]),
-                 "code_lengths": torch.tensor([[len(chosen), len(rejected)]])}
-        text, codec, positions, varlen, targets, index = objective.sequences(batch)
-        logp = objective.token_logps(model.talker, text, codec, positions, varlen, targets)
-        per_seq = torch.zeros(2, dtype=logp.dtype).index_add(0, index[targets[0] != IGNORE], logp)
-        return [float(per_seq[0]), float(per_seq[1])]
+        (place,) = batch["spoken"]
+        row = objective.sequences({**batch, "codes": host_to_device(torch.cat([chosen, rejected]),
+                                                                     batch["input_ids"].device),
+                                   "spoken": [place._replace(chosen=len(chosen), rejected=len(rejected))]})
+        logp = objective.token_logps(model.talker, row)
+        return torch.zeros(2, dtype=logp.dtype, device=logp.device).index_add(0, row.owner, logp).tolist()
     finally:
         for m, name in zip(everything, before):
             m.config._attn_implementation_internal = name
+
+
+def _resolve(args) -> None:
+    """--device and --precision made definite: `auto` is the GPU when this process sees one, and bf16 there, fp32
+    on the CPU."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: this process sees no CUDA GPU; pair on the CPU with --device cpu")
+    if args.precision == "auto":
+        args.precision = "bf16" if args.device == "cuda" else "fp32"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -447,6 +489,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=0.8)
     parser.add_argument("--temperature", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where each rank runs the model: auto (its GPU, cuda:LOCAL_RANK, when CUDA is available, "
+                             "else the CPU), cpu or cuda")
+    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
+                        help="the model's precision, which the recorded reference log-probs are computed in: auto "
+                             "(bf16 on a GPU, fp32 on the CPU, as talker_dpo trains with trainer.precision=auto)")
     parser.add_argument("--progress-every", type=float, default=30.0,
                         help="seconds between a rank's progress lines (prompts/s, set aside, time left)")
     parser.add_argument("--shards", metavar="DIR", default=None,
@@ -458,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("MODEL_DIR PROMPTS.jsonl OUT.jsonl are required (or --merge OUT)")
     if args.samples < 2:
         parser.error("--samples must be at least 2: a pair needs two candidates")
+    if args.merge is None:
+        _resolve(args)
     report = merge(Path(args.merge), args.merge) if args.merge is not None else build_part(args)
     if report is None:  # this rank's part is done; another rank's finish (or --merge) writes OUT
         return 0

@@ -1,9 +1,9 @@
 """Ranks and the process group: where this process stands, joining the group, its collective timeouts, and leaving
 it.
 
-Owns: this process's rank and world size from torchrun's or SLURM's variables (`place`); starting the process group
-from them (gloo on CPU, NCCL on GPU) with each rank's heartbeat (omni_train/train/liveness.py); and the two
-timeouts a collective waits for a peer:
+Owns: this process's rank and world size from torchrun's or SLURM's variables (`place`) and its GPU
+(`local_gpu`); starting the process group from them (gloo on CPU, NCCL on GPU) with each rank's heartbeat
+(omni_train/train/liveness.py); and the two timeouts a collective waits for a peer:
 - `trainer.startup_timeout_min` while ranks do unequal work: start-up (rank 0 alone may consolidate a DeepSpeed
   checkpoint or read weights), the first step (lazy allocations), checkpoint saves and the export (rank 0 writes
   while the others wait at a barrier), where a 7B takes minutes;
@@ -21,6 +21,7 @@ from datetime import timedelta
 
 import torch
 
+from omni_train.errors import ConfigError
 from omni_train.train import liveness
 
 
@@ -40,7 +41,7 @@ def init_distributed(timeout_min: float) -> tuple[int, int]:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     if on_gpu():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(local_gpu())
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(
             # On GPUs the model's collectives (ZeRO-3, Ulysses) run on NCCL, and the loop's small CPU tensors
@@ -61,6 +62,17 @@ def place() -> tuple[int, int]:
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
         _ranks_from_slurm()
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_gpu() -> torch.device:
+    """This process's GPU: cuda:LOCAL_RANK (torchrun's variable, or srun's SLURM_LOCALID once `place` has copied it;
+    0 for a lone process). A ConfigError when this node shows the process fewer GPUs."""
+    index, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if index >= visible:
+        raise ConfigError(f"local rank {index} has no GPU of its own: this process sees {visible} "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start one "
+                          "process per GPU of the node, each seeing them all")
+    return torch.device("cuda", index)
 
 
 def _ranks_from_slurm() -> None:

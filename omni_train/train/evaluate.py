@@ -42,14 +42,15 @@ def evaluate(engine, module, sets: dict, counts_data: bool = True) -> dict[str, 
             for name, held in sets.items():
                 count = torch.tensor([len(held)], dtype=torch.int64)
                 torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-                loss_sum, units, stats = torch.zeros(1, dtype=torch.float64), 0.0, None
+                # summed on the device, read back once per source
+                loss_sum, units, stats = torch.zeros(1, dtype=torch.float64, device=engine.device), 0.0, None
                 for batch, weight in held.batches(int(count)):
                     loss, micro_stats = engine(**to_device(batch, engine.device))
-                    loss_sum += weight * loss.detach().double().cpu()
+                    loss_sum += weight * loss.detach().double()
                     units += weight * module.units(batch) * counts_data
-                    part = weight * micro_stats.flatten().double().cpu()
+                    part = weight * micro_stats.flatten().double()
                     stats = part if stats is None else stats + part
-                numbers = torch.cat([loss_sum, torch.tensor([units], dtype=torch.float64), stats])
+                numbers = torch.cat([loss_sum.cpu(), torch.tensor([units], dtype=torch.float64), stats.cpu()])
                 torch.distributed.all_reduce(numbers)
                 loss, units = numbers[0].item(), numbers[1].item()
                 total_loss, total_units = total_loss + loss, total_units + units

@@ -172,17 +172,19 @@ def train_step(engine, module, batches: list[dict], world: int, counts_data: boo
     torch.distributed.all_reduce(local)
     units = local[0].item()
     scale = world * len(batches) / max(units, 1.0)
-    loss_sum = torch.zeros(1, dtype=torch.float64)
+    # The micro-batches' figures are summed where the model computes them and read back once per step: a read per
+    # micro-batch would make the host wait for the device each time.
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=engine.device)
     stats = reduced = None
     for i, batch in enumerate(batches):
         loss, micro_stats = engine(**to_device(batch, engine.device))
-        # the step's figures are reduced on the CPU (gloo beside NCCL on GPUs: omni_train/train/distributed.py)
-        loss_sum += loss.detach().double().cpu()
-        micro_stats = micro_stats.detach().flatten().cpu()
+        loss_sum += loss.detach().double()
+        micro_stats = micro_stats.detach().flatten()
         stats = micro_stats if stats is None else stats + micro_stats
         factor = scale
         if i == len(batches) - 1:
-            reduced = torch.cat([loss_sum, stats])
+            # reduced on the CPU (gloo beside NCCL on GPUs: omni_train/train/distributed.py)
+            reduced = torch.cat([loss_sum, stats]).cpu()
             torch.distributed.all_reduce(reduced)
             if update and not math.isfinite(reduced[0].item()):
                 factor = float("nan")

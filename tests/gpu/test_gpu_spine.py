@@ -2,13 +2,14 @@
 
 bf16 ZeRO-3 training over NCCL on one GPU, with flash-attention 2 when it is installed; the packed attention core's
 varlen kernel against the per-sample loop it replaced; the encoders' varlen attention against transformers' per-chunk
-sdpa loop.
+sdpa loop; the pair builder on the GPU against the CPU.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
@@ -189,8 +190,6 @@ def test_offloaded_checkpointing_and_tiled_mlp_keep_the_loss_and_lower_cuda_memo
 
 def test_talker_dpo_bf16_on_gpu_starts_at_ln2(sample_corpus, tmp_path):
     """talker_sft then talker_dpo in bf16 on one GPU (NCCL), from a random tiny model: DPO's first loss is ln 2."""
-    import math
-
     from data_prep.build import build
     from data_prep.config import from_overrides
 
@@ -220,3 +219,61 @@ def test_the_run_state_restores_the_cuda_generator():
     assert torch.rand(4, device="cuda").tolist() != expected
     restore_rng(saved)
     assert torch.rand(4, device="cuda").tolist() == expected
+
+
+def _cpu_reference_logps(export, triplets: list[dict], base) -> list[list[float]]:
+    """Each triplet's log p(chosen), log p(rejected) as the pair builder computes them on the CPU in fp32 (media
+    relative to `base`)."""
+    from omni_train.config.schema import Objective
+    from omni_train.tokenizer import load_tokenizer
+    from omni_train.tools.conversation import prepare_sample
+    from omni_train.tools.pairs import _reference_logps, load_speaker, spoken_reply
+
+    model, objective, speaker = load_speaker(str(export), None, Objective.talker_dpo, "cpu", torch.float32)
+    tokenizer = load_tokenizer(str(export))
+    bos = int(model.speaker_map[speaker]["bos_token"])
+    out = []
+    for t in triplets:
+        record = {"messages": t["messages"], "use_audio_in_video": t["use_audio_in_video"]}
+        batch, *_ = spoken_reply(objective, prepare_sample(record, base, tokenizer).sample, bos, tokenizer)
+        out.append(_reference_logps(objective, model, batch, torch.tensor(t["speech"]["chosen"]),
+                                    torch.tensor(t["speech"]["rejected"])))
+    return out
+
+
+@pytest.mark.parametrize("precision, options, rel", [
+    ("bf16", ["--scorer", "wer", "--asr", "thinker"], 2e-3),  # the default on a GPU; the Thinker transcribes there
+    ("fp32", ["--precision", "fp32", "--scorer", "pauses"], 1e-5),
+])
+def test_pairs_built_on_the_gpu_record_the_log_probs_the_cpu_computes(precision, options, rel, eos_prone_export,
+                                                                      sample_corpus, tmp_path):
+    """`omni-train pairs --device cuda` samples, renders and scores on the GPU. The codes cannot equal the CPU's
+    (another generator draws them), so each triplet is checked well-formed, and its recorded reference log-probs
+    against the CPU's fp32 ones for the same codes: to bf16's precision in bf16, closely in fp32 (where a wrong
+    layout or a missed device move would show)."""
+    import subprocess
+    import sys
+
+    from data_prep.build import CODEC_IDS
+    from tests.conftest import REPO
+
+    lines = sample_corpus.with_name("text.jsonl").read_text().splitlines()[4:12]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "pairs.jsonl"
+    done = subprocess.run([sys.executable, "-m", "omni_train.train", "pairs", str(eos_prone_export), str(prompts),
+                           str(out), "--samples", "4", "--max-codes", "24", "--device", "cuda", *options],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    header = json.loads((tmp_path / "pairs.jsonl.part-0-of-1").read_text().splitlines()[0])["header"]
+    assert (header["device"], header["precision"]) == ("cuda", precision)
+    triplets = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(triplets) >= 2, done.stdout
+    for t in triplets:
+        speech = t["speech"]
+        for codes in (speech["chosen"], speech["rejected"]):
+            assert 1 <= len(codes) <= 24 and all(0 <= c < CODEC_IDS for c in codes)
+        assert speech["chosen"] != speech["rejected"] and t["scores"]["chosen"] < t["scores"]["rejected"]
+        assert len(speech["ref_logps"]) == 2 and all(math.isfinite(x) and x < 0 for x in speech["ref_logps"])
+    for t, want in zip(triplets, _cpu_reference_logps(eos_prone_export, triplets, tmp_path)):
+        assert t["speech"]["ref_logps"] == pytest.approx(want, rel=rel), t["id"]
