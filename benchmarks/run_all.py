@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/run_all.py [--quick] [--out benchmarks/results.json]
 
 Runs prep_throughput, loader_throughput, packing_efficiency, step_throughput, step_memory, lora_vs_full,
-attention_core and prep_scale (each also runs alone) one after the other on the same machine, on one sample corpus
+attention_core, encoder_attention and prep_scale (each also runs alone) one after the other on the same machine, on one sample corpus
 (lora_vs_full and prep_scale build their own text data), and merges their figures, each under its benchmark's
 prefix. The ratios the issues set goals for are repeated under `ratio.*`:
 - `ratio.loss_tiled_vs_plain.peak.32k` (tiny and small presets; goal <= 1/3),
@@ -13,7 +13,9 @@ prefix. The ratios the issues set goals for are repeated under `ratio.*`:
   padded to 300 s; goal >= 10),
 - `ratio.sp2_vs_sp1.step_memory` (goal <= 0.6),
 - `ratio.attention_core_vs_per_sample_loop.100_samples.tiny` / `.small` (an 8k row of 100 samples, forward and
-  backward; goal <= 1).
+  backward; goal <= 1),
+- `ratio.encoder_attention_vs_sdpa.tiny.audio` / `.video` (the encoders' one call per layer against transformers'
+  per-chunk `sdpa` loop, forward and backward; goal <= 1 within noise: the same kernels on CPU).
 `--quick` shortens the timed windows and repeats (for a smoke run, not for figures to quote). The whole run takes
 about half an hour on a 2-core machine. Nothing else should run meanwhile: the figures are throughput and memory.
 """
@@ -42,6 +44,8 @@ RATIOS = {
     "ratio.sp2_vs_sp1.step_memory": "step_memory.sp2_vs_sp1.checkpointing_none.step_ratio",
     "ratio.attention_core_vs_per_sample_loop.100_samples.tiny": "attention_core.tiny.100_samples.ratio",
     "ratio.attention_core_vs_per_sample_loop.100_samples.small": "attention_core.small.100_samples.ratio",
+    "ratio.encoder_attention_vs_sdpa.tiny.audio": "encoder_attention.tiny.audio.ratio",
+    "ratio.encoder_attention_vs_sdpa.tiny.video": "encoder_attention.tiny.video.ratio",
 }
 
 
@@ -72,6 +76,7 @@ def main() -> None:
         "lora_vs_full": ["--steps", "4" if quick else "12"],
         "prep_scale": ["--lines", "2000", "20000", "--parts-lines", "5000"] if quick else [],
         "attention_core": ["--repeats", "1" if quick else "7"],
+        "encoder_attention": ["--repeats", "1" if quick else "5", "--seconds", "1,3"],
     }
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     figures = {"machine.cores": os.cpu_count(), "machine.memory_gb": round(memory_gb, 1), "machine.gpus": 0,
