@@ -9,8 +9,11 @@ Hydra), it first installs the wheels of `.whl/` (benchmarks/gpu_wheels.py writes
 tree) into /tmp/site and restarts itself with them on its path. Then, each step in its own process so that one
 failure leaves the others' figures:
 1. `pytest tests/gpu` (bf16 ZeRO-3 over NCCL, the attention kernels against our core);
-2. the sample corpus (speech, images, video with sound, text, Talker triplets) prepared into shards;
-3. for each shape (the 3B and 7B presets' Thinkers, random weights, the real vocabulary, full depth; the 7B with
+2. the encoders' attention (benchmarks/encoder_attention.py, the 7B's encoder widths with 2 layers, bf16): one
+   varlen call per layer against transformers' per-chunk `sdpa` loop, forward and backward, on 32 clips of 1-10 s
+   and a video of 8 x 36 x 64 patches (288 windows);
+3. the sample corpus (speech, images, video with sound, text, Talker triplets) prepared into shards;
+4. for each shape (the 3B and 7B presets' Thinkers, random weights, the real vocabulary, full depth; the 7B with
    as many of its 28 layers as its full ZeRO-3 state leaves room for on one card, said in the figures), training
    steps of one packed row of `--len` (8,192) tokens of the corpus's mixture, bf16, under ZeRO-3 on the one GPU,
    with the activation checkpointing `omni-train plan` needs to fit: tokens/s, step time, MFU, peak memory and
@@ -159,6 +162,25 @@ def _measure(name: str, overrides: list[str], shards: Path, args, root: Path) ->
     return {**figures, "plan_gb": round(planned, 2), "peak_vs_plan": round(figures["peak_gb"] / planned, 3)}
 
 
+def _encoders(smoke: bool, root: Path, timeout: int) -> dict:
+    """benchmarks/encoder_attention.py's figures: on the GPU in bf16 (the 7B's encoder widths, 2 layers); with
+    `smoke` on CPU, the tiny encoders, one round."""
+    out = root / "encoders.json"
+    media = (["--device", "cpu", "--shapes", "tiny", "--clips", "4", "--seconds", "1,2", "--repeats", "1"] if smoke else
+             ["--device", "cuda", "--dtype", "bf16", "--shapes", "7b_2_layers", "--clips", "32", "--seconds", "1,10",
+              "--video", "8,36,64", "--repeats", "10"])
+    try:
+        done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "encoder_attention.py"), *media, "--json",
+                               str(out)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (
+                                  str(REPO), os.environ.get("PYTHONPATH"))))})
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    if done.returncode != 0:
+        return {"error": f"exit {done.returncode}", "tail": (done.stdout + done.stderr)[-1500:]}
+    return json.loads(out.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny preset, 2 steps: keeps the script working")
@@ -201,6 +223,7 @@ def main() -> None:
         shapes = {"3b": ["model=qwen2_5_omni_3b", *bf16, "trainer.checkpointing=full"],
                   "7b_14_of_28_layers": ["model=qwen2_5_omni_7b", *bf16, "trainer.checkpointing=full",
                                          "model.hf_config.thinker_config.text_config.num_hidden_layers=14"]}
+    report["encoders"] = _encoders(args.smoke, root, args.timeout)
     report["thinker"] = {name: _measure(name, overrides, shards, args, root) for name, overrides in shapes.items()}
     if talker is not None:
         report["talker"] = _measure("talker", ["stage=talker_sft", *shapes["7b_14_of_28_layers"]], talker, args, root)
@@ -212,7 +235,8 @@ def main() -> None:
         out.write_text(text + "\n")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_results.json").write_text(text + "\n")
-    failed = [k for k, v in {**report["thinker"], "talker": report.get("talker", {})}.items() if "error" in v]
+    failed = [k for k, v in {**report["thinker"], "talker": report.get("talker", {}),
+                             "encoders": report["encoders"]}.items() if "error" in v]
     if failed or report.get("tests_gpu", {}).get("exit", 0) not in (0, 5):
         sys.exit(f"gpu_check: failed: {failed or 'tests/gpu'} (the figures above say why)")
 
