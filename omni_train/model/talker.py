@@ -143,6 +143,10 @@ class TalkerRow(NamedTuple):
     owner: torch.Tensor  # (K,) the sequence of each
     count: int  # sequences in the row
 
+    def per_sequence(self, values: torch.Tensor) -> torch.Tensor:
+        """The sum of `values` (one per target, (K,)) over each sequence's targets: (count,)."""
+        return values.new_zeros(self.count).index_add(0, self.owner, values)
+
 
 def dpo_sigmoid_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                      ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -293,9 +297,7 @@ class TalkerLM(nn.Module):
                  "grid_thw": grid_thw}
         row = self.sequences(batch)
         logp = self.token_logps(self.talker, row)
-        per_seq = torch.zeros(row.count, dtype=logp.dtype, device=logp.device).index_add(0, row.owner, logp)
-        tokens = torch.zeros(row.count, dtype=logp.dtype, device=logp.device).index_add(0, row.owner,
-                                                                                        torch.ones_like(logp))
+        per_seq, tokens = row.per_sequence(logp), row.per_sequence(torch.ones_like(logp))
         n = len(spoken)
         if self.objective == "talker_sft":
             loss = -per_seq.sum()
@@ -305,7 +307,7 @@ class TalkerLM(nn.Module):
         if self.reference is not None or self.base_reference:
             with torch.no_grad(), adapters_off(self.talker) if self.base_reference else contextlib.nullcontext():
                 ref_logp = self.token_logps(self.talker if self.base_reference else self.reference, row)
-                ref = torch.zeros_like(per_seq).index_add(0, row.owner, ref_logp)
+                ref = row.per_sequence(ref_logp)
         elif ref_logps is None:  # the collator leaves them out unless every sample has them
             raise ValueError("talker.reference=precomputed, but a sample of this batch has no reference log-probs "
                              "in its shard: build the triplets with `omni-train pairs` (which records them), or use "

@@ -454,7 +454,7 @@ def _reference_logps(objective, model, batch: dict, chosen: torch.Tensor, reject
                                                                      batch["input_ids"].device),
                                    "spoken": [place._replace(chosen=len(chosen), rejected=len(rejected))]})
         logp = objective.token_logps(model.talker, row)
-        return torch.zeros(2, dtype=logp.dtype, device=logp.device).index_add(0, row.owner, logp).tolist()
+        return row.per_sequence(logp).tolist()
     finally:
         for m, name in zip(everything, before):
             m.config._attn_implementation_internal = name
